@@ -1,0 +1,34 @@
+"""codebook: sparse, discrete codebook features for Hugging Face causal language models."""
+
+from codebook.config import CodebookConfig
+from codebook.errors import ConfigError
+from codebook.interventions import (
+    CodeRecord,
+    disable_codes,
+    force_codes,
+    patch_codes,
+    read_codes,
+    recording,
+    steering,
+)
+from codebook.layer import CodebookLayer
+from codebook.model import CodebookModel, CodebookOutput
+from codebook.sites import FAMILIES, Site, resolve_sites
+
+__all__ = [
+    "FAMILIES",
+    "CodeRecord",
+    "CodebookConfig",
+    "CodebookLayer",
+    "CodebookModel",
+    "CodebookOutput",
+    "ConfigError",
+    "Site",
+    "disable_codes",
+    "force_codes",
+    "patch_codes",
+    "read_codes",
+    "recording",
+    "resolve_sites",
+    "steering",
+]

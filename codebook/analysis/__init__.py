@@ -1,0 +1,1 @@
+"""Analysis of codes: classifiers, interventions, statistics."""

@@ -1,0 +1,148 @@
+"""Codebook settings: which sites get codebooks and how each one scores, selects and learns."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from codebook.errors import ConfigError
+
+SITE_KINDS = ("attn_heads", "attn", "mlp", "mlp_hidden", "block")
+SCORES = ("dot", "cosine", "euclidean")
+COMBINES = ("sum", "mean")
+
+Score = Literal["dot", "cosine", "euclidean"]
+Combine = Literal["sum", "mean"]
+
+
+@dataclass
+class CodebookConfig:
+    """Where codebooks go and how they behave.
+
+    sites: any of ``attn_heads`` (per-head attention output before the output projection, one
+    codebook per head: the paper's main site), ``attn`` (attention output), ``mlp`` (MLP output),
+    ``mlp_hidden`` (input of the MLP down projection), ``block`` (transformer block output).
+    """
+
+    sites: list[str] = field(default_factory=lambda: ["attn_heads"])
+    layers: str | list[int] = "all"
+    num_codes: int = 1000
+    k: int = 8
+    # k schedule: k decays linearly from ``k`` to ``k_min`` over ``k_schedule_steps`` steps.
+    k_min: int | None = None
+    k_schedule_steps: int = 0
+    score: Score = "dot"
+    combine: Combine = "sum"
+    layer_norm: bool = False
+    # Independent codebooks over equal chunks of non-head sites (``attn_heads`` uses one per head).
+    groups: int = 1
+    recon_weight: float = 1.0
+    commit_weight: float = 0.0
+    # Dead-code replacement: codes unused for this many training forward passes are re-seeded
+    # from recent inputs plus noise (0 disables).
+    dead_code_steps: int = 0
+    dead_code_noise: float = 0.01
+    # k-means initialisation from this many batches of real activations (0 disables).
+    kmeans_init_batches: int = 0
+    kmeans_iters: int = 10
+    # Tokens scored at once; bounds the (tokens x num_codes) score matrix.
+    score_chunk_tokens: int = 4096
+    init_std: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Check the settings alone (no model needed); raise ConfigError on the first fault."""
+        p = "codebook"
+        if not isinstance(self.sites, list | tuple) or not self.sites:
+            raise ConfigError(
+                f"{p}.sites", f"got {self.sites!r}", f"give a list from {SITE_KINDS}"
+            )
+        for s in self.sites:
+            if s not in SITE_KINDS:
+                raise ConfigError(f"{p}.sites", f"unknown site {s!r}", f"use one of {SITE_KINDS}")
+        if len(set(self.sites)) != len(self.sites):
+            raise ConfigError(f"{p}.sites", f"duplicate entries in {self.sites}", "list each once")
+        if self.layers != "all" and (
+            not isinstance(self.layers, list | tuple)
+            or not all(isinstance(i, int) and not isinstance(i, bool) for i in self.layers)
+        ):
+            raise ConfigError(
+                f"{p}.layers", f"got {self.layers!r}", "use 'all' or a list of layer indices"
+            )
+        _positive_int(f"{p}.num_codes", self.num_codes)
+        _positive_int(f"{p}.k", self.k)
+        if self.k > self.num_codes:
+            raise ConfigError(
+                f"{p}.k",
+                f"k={self.k} is larger than num_codes={self.num_codes}",
+                "choose 1 <= k <= num_codes",
+            )
+        if self.k_min is not None:
+            _positive_int(f"{p}.k_min", self.k_min)
+            if self.k_min > self.k:
+                raise ConfigError(
+                    f"{p}.k_min", f"k_min={self.k_min} > k={self.k}",
+                    "the schedule decays k: k_min <= k",
+                )
+            if self.k_schedule_steps <= 0:
+                raise ConfigError(
+                    f"{p}.k_schedule_steps",
+                    "k_min is set but k_schedule_steps <= 0",
+                    "set k_schedule_steps to the number of steps over which k decays",
+                )
+        if self.score not in SCORES:
+            raise ConfigError(f"{p}.score", f"unknown score {self.score!r}", f"use one of {SCORES}")
+        if self.combine not in COMBINES:
+            raise ConfigError(
+                f"{p}.combine", f"unknown combine {self.combine!r}", f"use one of {COMBINES}"
+            )
+        _positive_int(f"{p}.groups", self.groups)
+        for name in ("recon_weight", "commit_weight", "dead_code_noise"):
+            v = getattr(self, name)
+            if not isinstance(v, int | float) or v < 0:
+                raise ConfigError(f"{p}.{name}", f"got {v!r}", "use a number >= 0")
+        for name in ("dead_code_steps", "kmeans_init_batches"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ConfigError(f"{p}.{name}", f"got {v!r}", "use an integer >= 0 (0 disables)")
+        _positive_int(f"{p}.kmeans_iters", self.kmeans_iters)
+        _positive_int(f"{p}.score_chunk_tokens", self.score_chunk_tokens)
+
+    def k_at(self, step: int) -> int:
+        """k in force at optimizer step ``step`` under the linear k schedule."""
+        if self.k_min is None or self.k_schedule_steps <= 0:
+            return self.k
+        frac = min(1.0, max(0, step) / self.k_schedule_steps)
+        return max(self.k_min, round(self.k - (self.k - self.k_min) * frac))
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "codebook") -> CodebookConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(
+                f"{where}.{unknown[0]}", "unknown key", f"valid keys are {sorted(known)}"
+            )
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> CodebookConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()), where=str(path))
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(name, f"got {value!r}", "use a positive integer")

@@ -1,0 +1,1 @@
+"""Datasets: synthetic (TokFSM) and text."""

@@ -1,0 +1,292 @@
+"""The codebook layer: replace an activation by the sum of its top-k most similar codes.
+
+One ``CodebookLayer`` holds ``groups`` independent codebooks of ``num_codes`` codes each, over
+``groups`` equal chunks of the activation (one per attention head at the per-head site). All
+groups are scored in one batched matmul. Scores are computed without autograd, in chunks of
+tokens, so the (tokens x num_codes) score matrix is never kept for backward; only the chosen
+indices are. Gradients: straight-through to the input, and to the codes through the task loss
+and the reconstruction loss ``mean_tokens(sum_d (out - sg[in])^2)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from codebook.config import Combine, Score
+
+
+class CodeEditor(Protocol):
+    """An intervention: edits the chosen codes of one layer before they are combined."""
+
+    def disabled_mask(self, layer: CodebookLayer) -> torch.Tensor | None:
+        """(groups, num_codes) bool of codes barred from selection, or None."""
+
+    def edit(
+        self, idx: torch.Tensor, weight: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Edit (batch, seq, groups, n) code ids and weights; ``positions`` is (seq,) absolute."""
+
+
+@dataclass
+class LayerLosses:
+    recon: torch.Tensor
+    commit: torch.Tensor
+
+
+class CodebookLayer(nn.Module):
+    """``groups`` codebooks of ``num_codes`` codes over an activation of width ``dim``."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_codes: int,
+        k: int,
+        groups: int = 1,
+        score: Score = "dot",
+        combine: Combine = "sum",
+        layer_norm: bool = False,
+        score_chunk_tokens: int = 4096,
+        init_std: float = 1.0,
+        recent_inputs: int = 0,
+    ):
+        super().__init__()
+        if dim % groups:
+            raise ValueError(f"groups={groups} must divide dim={dim}")
+        if not 1 <= k <= num_codes:
+            raise ValueError(f"k={k} must be in 1..num_codes={num_codes}")
+        self.dim, self.groups, self.group_dim = dim, groups, dim // groups
+        self.num_codes, self.k = num_codes, k
+        self.score, self.combine, self.layer_norm = score, combine, layer_norm
+        self.score_chunk_tokens = score_chunk_tokens
+        self.codes = nn.Parameter(torch.randn(groups, num_codes, self.group_dim) * init_std)
+        # Running statistics, on the device, never synced per forward (see ``metrics``).
+        self.register_buffer("code_counts", torch.zeros(groups, num_codes), persistent=False)
+        self.register_buffer("stat_sums", torch.zeros(4), persistent=False)  # mse, |in|, |out|, n
+        # Forward passes (in training) since each code last fired: drives dead-code replacement.
+        self.register_buffer("steps_unused", torch.zeros(groups, num_codes, dtype=torch.long))
+        self.register_buffer(
+            "recent", torch.zeros(groups, recent_inputs, self.group_dim), persistent=False
+        )
+        self.recent_filled = False
+        # Per-call state, owned by this layer (no globals): interventions and recordings.
+        self.editors: list[CodeEditor] = []
+        self.recording = False
+        self.record_inputs = False
+        self.recorded_codes: list[torch.Tensor] = []
+        self.recorded_inputs: list[torch.Tensor] = []
+        self.last_losses: LayerLosses | None = None
+        self.enabled = True
+
+    # ------------------------------------------------------------------ scoring
+    def _scores(self, x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """Scores (groups, n, num_codes) for x (n, groups, group_dim)."""
+        xg = x.transpose(0, 1)
+        if self.score == "euclidean":
+            return 2 * xg @ codes.transpose(1, 2) - (codes * codes).sum(-1).unsqueeze(1)
+        if self.score == "cosine":
+            xg = F.normalize(xg, dim=-1)
+        return xg @ F.normalize(codes, dim=-1).transpose(1, 2)
+
+    @torch.no_grad()
+    def select(self, x: torch.Tensor, k: int | None = None,
+               disabled: torch.Tensor | None = None) -> torch.Tensor:
+        """Top-k code ids (n, groups, k) for x (n, groups, group_dim), scored in token chunks."""
+        k = self.k if k is None else k
+        codes = self.codes.detach().to(x.dtype)
+        out = []
+        for chunk in x.split(self.score_chunk_tokens):
+            s = self._scores(chunk, codes)
+            if disabled is not None:
+                s = s.masked_fill(disabled.unsqueeze(1), float("-inf"))
+            out.append(s.topk(k, dim=-1).indices.transpose(0, 1))
+        return torch.cat(out) if len(out) > 1 else out[0]
+
+    def lookup(self, idx: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Combine codes: (n, groups, m) ids (+ optional 0/1 weights) -> (n, groups, group_dim)."""
+        n, g, m = idx.shape
+        offsets = (torch.arange(g, device=idx.device) * self.num_codes).view(1, g, 1)
+        flat = (idx + offsets).reshape(n * g, m)
+        w = None if weight is None else weight.reshape(n * g, m).to(self.codes.dtype)
+        table = self.codes.reshape(g * self.num_codes, self.group_dim)
+        out = F.embedding_bag(flat, table, mode="sum", per_sample_weights=w)
+        out = out.view(n, g, self.group_dim)
+        if self.combine == "mean":
+            denom = float(m) if weight is None else weight.sum(-1, keepdim=True).clamp_min(1)
+            out = out / denom
+        return out
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Quantise ``x`` (..., dim); ``positions`` (seq,) are absolute token positions."""
+        if not self.enabled:
+            if self.recording and self.record_inputs:
+                self.recorded_inputs.append(x.detach())
+            return x
+        lead = x.shape[:-1]
+        raw = x
+        x = x.reshape(-1, self.groups, self.group_dim)
+        if self.layer_norm:
+            x = F.layer_norm(x, (self.group_dim,))
+        disabled = self._disabled_mask()
+        idx = self.select(x, disabled=disabled)
+        weight = None
+        if self.editors:
+            idx, weight = self._apply_editors(idx, lead, positions)
+        out = self.lookup(idx, weight).to(x.dtype)
+        target = x.detach()
+        err = (out - target).pow(2).sum(dim=(-1, -2))
+        self.last_losses = LayerLosses(
+            recon=err.mean(),
+            commit=(x - out.detach()).pow(2).sum(dim=(-1, -2)).mean(),
+        )
+        if self.training or self.recording:
+            self._update_stats(x, out, idx, weight, err)
+        if self.recording:
+            ids = idx if weight is None else idx.masked_fill(weight == 0, -1)
+            self.recorded_codes.append(ids.reshape(*lead, self.groups, -1))
+            if self.record_inputs:
+                self.recorded_inputs.append(raw.detach())
+        out = out + (x - x.detach())  # straight-through: d out / d x = identity
+        return out.reshape(raw.shape)
+
+    def _disabled_mask(self) -> torch.Tensor | None:
+        masks = [m for e in self.editors if (m := e.disabled_mask(self)) is not None]
+        if not masks:
+            return None
+        mask = masks[0]
+        for m in masks[1:]:
+            mask = mask | m
+        return mask
+
+    def _apply_editors(self, idx: torch.Tensor, lead: Sequence[int],
+                       positions: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(lead) == 1:  # (seq, dim) input without a batch dimension
+            lead = (1, lead[0])
+        b, t = math.prod(lead[:-1]), lead[-1]
+        if positions is None:
+            positions = torch.arange(t, device=idx.device)
+        idx = idx.view(b, t, self.groups, -1)
+        weight = torch.ones_like(idx, dtype=torch.bool)
+        for editor in self.editors:
+            idx, weight = editor.edit(idx, weight, positions)
+        m = idx.shape[-1]
+        return idx.reshape(b * t, self.groups, m), weight.reshape(b * t, self.groups, m)
+
+    @torch.no_grad()
+    def _update_stats(self, x, out, idx, weight, err) -> None:
+        n = x.shape[0]
+        ones = torch.ones_like(idx, dtype=self.code_counts.dtype)
+        if weight is not None:
+            ones = ones * weight
+        batch_counts = torch.zeros_like(self.code_counts).scatter_add_(
+            -1, _groups_last(idx), _groups_last(ones)
+        )
+        self.code_counts += batch_counts
+        self.stat_sums += torch.stack([
+            err.sum(),
+            x.reshape(n, -1).norm(dim=-1).sum(),
+            out.reshape(n, -1).norm(dim=-1).sum(),
+            torch.tensor(float(n), device=x.device),
+        ]).to(self.stat_sums.dtype)
+        if self.training:
+            self.steps_unused = torch.where(batch_counts > 0, 0, self.steps_unused + 1)
+            r = self.recent.shape[1]
+            if r:
+                pick = torch.randint(0, n, (r,), device=x.device)
+                self.recent.copy_(x.detach()[pick].transpose(0, 1))
+                self.recent_filled = True
+
+    # ------------------------------------------------------------------ metrics
+    @torch.no_grad()
+    def metrics(self, reset: bool = True) -> dict[str, float]:
+        """Reconstruction MSE, input/output norms, dead-code fraction since the last reset.
+
+        This is the only place that syncs with the host; call it when logging.
+        """
+        mse, in_norm, out_norm, n = self.stat_sums.tolist()
+        n = max(n, 1.0)
+        dead = (self.code_counts == 0).float().mean().item()
+        result = {
+            "recon_mse": mse / n,
+            "input_norm": in_norm / n,
+            "output_norm": out_norm / n,
+            "dead_code_fraction": dead,
+        }
+        if reset:
+            self.reset_metrics()
+        return result
+
+    def reset_metrics(self) -> None:
+        self.code_counts.zero_()
+        self.stat_sums.zero_()
+
+    # ------------------------------------------------------------------ training-time maintenance
+    @torch.no_grad()
+    def replace_dead_codes(self, min_unused_steps: int, noise: float,
+                           generator: torch.Generator | None = None) -> torch.Tensor:
+        """Re-seed codes unused for ``min_unused_steps`` from recent inputs plus noise.
+
+        Returns the (groups, num_codes) mask of replaced codes (on the device; no host sync).
+        """
+        dead = self.steps_unused >= min_unused_steps
+        if not self.recent_filled or self.recent.shape[1] == 0:
+            return torch.zeros_like(dead)
+        g, r, d = self.recent.shape
+        pick = torch.randint(0, r, (g, self.num_codes), device=self.recent.device,
+                             generator=generator)
+        seeds = self.recent.gather(1, pick.unsqueeze(-1).expand(g, self.num_codes, d))
+        scale = seeds.norm(dim=-1, keepdim=True) / d**0.5
+        seeds = seeds + noise * scale * torch.randn(seeds.shape, device=seeds.device,
+                                                    generator=generator)
+        self.codes.copy_(torch.where(dead.unsqueeze(-1), seeds.to(self.codes.dtype), self.codes))
+        self.steps_unused.masked_fill_(dead, 0)
+        return dead
+
+    @torch.no_grad()
+    def kmeans_init_(self, samples: torch.Tensor, iters: int = 10,
+                     generator: torch.Generator | None = None) -> None:
+        """Set the codes to k-means centroids of ``samples`` (n, dim) of real activations.
+
+        With ``combine='sum'`` the centroids are divided by k, so that a sum of k codes starts at
+        the scale of the activations.
+        """
+        x = samples.reshape(-1, self.groups, self.group_dim).to(self.codes.dtype)
+        if self.layer_norm:
+            x = F.layer_norm(x, (self.group_dim,))
+        n = x.shape[0]
+        pick = torch.randint(0, n, (self.groups, self.num_codes), device=x.device,
+                             generator=generator)
+        xg = x.transpose(0, 1)  # (groups, n, d)
+        centroids = xg.gather(1, pick.unsqueeze(-1).expand(-1, -1, self.group_dim)).clone()
+        for _ in range(iters):
+            assign = torch.cat([
+                (2 * c.transpose(0, 1) @ centroids.transpose(1, 2)
+                 - centroids.pow(2).sum(-1).unsqueeze(1)).argmax(-1)
+                for c in x.split(self.score_chunk_tokens)
+            ], dim=1)  # (groups, n)
+            sums = torch.zeros_like(centroids).scatter_add_(
+                1, assign.unsqueeze(-1).expand(-1, -1, self.group_dim), xg)
+            counts = torch.zeros(self.groups, self.num_codes, device=x.device).scatter_add_(
+                1, assign, torch.ones_like(assign, dtype=torch.float))
+            # empty clusters are re-seeded from random samples
+            pick = torch.randint(0, n, (self.groups, self.num_codes), device=x.device,
+                                 generator=generator)
+            reseed = xg.gather(1, pick.unsqueeze(-1).expand(-1, -1, self.group_dim))
+            centroids = torch.where((counts > 0).unsqueeze(-1),
+                                    sums / counts.clamp_min(1).unsqueeze(-1), reseed)
+        if self.combine == "sum":
+            centroids = centroids / self.k
+        self.codes.copy_(centroids)
+        self.steps_unused.zero_()
+
+
+def _groups_last(t: torch.Tensor) -> torch.Tensor:
+    """(n, groups, m) -> (groups, n*m) so scatter along the last dim counts per group."""
+    return t.transpose(0, 1).reshape(t.shape[1], -1)

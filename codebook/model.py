@@ -1,0 +1,301 @@
+"""A Hugging Face causal LM with codebooks attached at named sites by hooks.
+
+``CodebookModel`` owns the HF model and one ``CodebookLayer`` per site. Hooks route each site's
+activation through its codebook; the HF forward pass itself is untouched, so ``generate`` and
+new ``transformers`` releases work as they are. Saved as a normal HF model folder plus
+``codebooks.safetensors`` and ``codebook_config.json``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from codebook.config import CodebookConfig
+from codebook.errors import ConfigError
+from codebook.layer import CodebookLayer
+from codebook.sites import Site, resolve_sites
+
+CODEBOOK_CONFIG_FILE = "codebook_config.json"
+CODEBOOK_WEIGHTS_FILE = "codebooks.safetensors"
+
+
+@dataclass
+class CodebookOutput:
+    """Model outputs plus the codebook loss terms, all logged separately by the training loop."""
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None
+    lm_loss: torch.Tensor | None
+    recon_loss: torch.Tensor
+    commit_loss: torch.Tensor
+
+
+class CodebookModel(nn.Module):
+    """A causal LM whose activations at ``config.sites`` are replaced by codebook codes."""
+
+    def __init__(self, model: nn.Module, config: CodebookConfig):
+        super().__init__()
+        self.sites: dict[str, Site] = {s.name: s for s in resolve_sites(model.config, config)}
+        self.model = model
+        self.codebook_config = config
+        self.codebooks = nn.ModuleDict()
+        recent = 1024 if config.dead_code_steps else 0
+        for name, site in self.sites.items():
+            _check_site_width(model, site)
+            self.codebooks[name] = CodebookLayer(
+                site.dim, config.num_codes, config.k, site.groups, config.score,
+                config.combine, config.layer_norm, config.score_chunk_tokens, config.init_std,
+                recent_inputs=recent,
+            )
+        self._positions: torch.Tensor | None = None
+        self._hooks = [model.register_forward_pre_hook(self._track_positions, with_kwargs=True)]
+        for name, site in self.sites.items():
+            module = model.get_submodule(site.module_path)
+            if site.hook == "pre":
+                hook = module.register_forward_pre_hook(self._pre_hook(name), with_kwargs=True)
+            else:
+                hook = module.register_forward_hook(self._post_hook(name))
+            self._hooks.append(hook)
+
+    # ------------------------------------------------------------------ hooks
+    def _track_positions(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Record absolute positions of this call's tokens (KV-cache aware, for interventions)."""
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        if ids is None:
+            self._positions = None
+            return
+        t = ids.shape[1]
+        cache_position = kwargs.get("cache_position")
+        if cache_position is not None:
+            self._positions = cache_position.to(ids.device)
+            return
+        past = kwargs.get("past_key_values")
+        has_length = past is not None and hasattr(past, "get_seq_length")
+        offset = past.get_seq_length() if has_length else 0
+        self._positions = torch.arange(offset, offset + t, device=ids.device)
+
+    def _pre_hook(self, name: str):
+        def hook(module: nn.Module, args: tuple, kwargs: dict):
+            if args:
+                return (self.codebooks[name](args[0], self._positions), *args[1:]), kwargs
+            key = next(iter(kwargs))
+            kwargs = dict(kwargs)
+            kwargs[key] = self.codebooks[name](kwargs[key], self._positions)
+            return args, kwargs
+        return hook
+
+    def _post_hook(self, name: str):
+        def hook(module: nn.Module, args: tuple, output: Any):
+            if isinstance(output, tuple):
+                return (self.codebooks[name](output[0], self._positions), *output[1:])
+            return self.codebooks[name](output, self._positions)
+        return hook
+
+    def remove_hooks(self) -> nn.Module:
+        """Detach all hooks and return the bare HF model (codebooks no longer applied)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        return self.model
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                **kwargs: Any) -> CodebookOutput:
+        """Run the LM; ``loss`` = lm_loss + recon_weight * recon + commit_weight * commit."""
+        for layer in self.codebooks.values():
+            layer.last_losses = None
+        out = self.model(input_ids=input_ids, labels=labels, **kwargs)
+        terms = [cb.last_losses for cb in self.codebooks.values() if cb.last_losses is not None]
+        zero = out.logits.new_zeros(())
+        recon = torch.stack([t.recon for t in terms]).sum() if terms else zero
+        commit = torch.stack([t.commit for t in terms]).sum() if terms else zero
+        loss = None
+        if out.loss is not None:
+            cfg = self.codebook_config
+            loss = out.loss + cfg.recon_weight * recon
+            if cfg.commit_weight:
+                loss = loss + cfg.commit_weight * commit
+        return CodebookOutput(out.logits, loss, out.loss, recon, commit)
+
+    def generate(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """``transformers`` generation with the codebooks (and any interventions) in effect."""
+        return self.model.generate(*args, **kwargs)
+
+    # ------------------------------------------------------------------ controls
+    @contextmanager
+    def codebooks_disabled(self) -> Iterator[None]:
+        """Run the plain model: every codebook passes its input through unchanged."""
+        before = {n: cb.enabled for n, cb in self.codebooks.items()}
+        for cb in self.codebooks.values():
+            cb.enabled = False
+        try:
+            yield
+        finally:
+            for n, cb in self.codebooks.items():
+                cb.enabled = before[n]
+
+    def set_step(self, step: int) -> None:
+        """Apply the k schedule for optimizer step ``step`` (host-side; no device sync)."""
+        k = self.codebook_config.k_at(step)
+        for cb in self.codebooks.values():
+            cb.k = k
+
+    def codebook_parameters(self) -> list[nn.Parameter]:
+        return list(self.codebooks.parameters())
+
+    def base_parameters(self) -> list[nn.Parameter]:
+        return list(self.model.parameters())
+
+    def site(self, name: str) -> Site:
+        """The site called ``name``, or a ConfigError listing the valid names."""
+        if name not in self.sites:
+            raise ConfigError("site", f"unknown site {name!r}", f"use one of {list(self.sites)}")
+        return self.sites[name]
+
+    def metrics(self, reset: bool = True) -> dict[str, float]:
+        """Per-site metrics ``<site>/<metric>`` plus their means ``codebook/<metric>``."""
+        result: dict[str, float] = {}
+        sums: dict[str, float] = {}
+        for name, cb in self.codebooks.items():
+            for key, value in cb.metrics(reset).items():
+                result[f"{name}/{key}"] = value
+                sums[key] = sums.get(key, 0.0) + value
+        for key, value in sums.items():
+            result[f"codebook/{key}"] = value / max(len(self.codebooks), 1)
+        return result
+
+    # ------------------------------------------------------------------ save / load
+    def save_pretrained(self, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None
+                        ) -> Path:
+        """Write an HF model folder plus codebooks, atomically (temp folder, then rename)."""
+        path = Path(path)
+        with atomic_dir(path) as tmp:
+            base_sd = None
+            if state_dict is not None:
+                base_sd = {k[len("model."):]: v for k, v in state_dict.items()
+                           if k.startswith("model.")}
+            self.model.save_pretrained(tmp, state_dict=base_sd)
+            cb_sd = state_dict or self.state_dict()
+            codebooks = {k: v.detach().cpu().contiguous() for k, v in cb_sd.items()
+                         if k.startswith("codebooks.")}
+            save_file(codebooks, str(tmp / CODEBOOK_WEIGHTS_FILE))
+            self.codebook_config.save(tmp / CODEBOOK_CONFIG_FILE)
+        return path
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path,
+                        codebook_config: CodebookConfig | None = None,
+                        **hf_kwargs: Any) -> CodebookModel:
+        """Load a saved codebook model, or a base HF model plus new codebooks.
+
+        ``name_or_path`` is a hub name or local folder. If it holds ``codebook_config.json``, the
+        saved codebooks are loaded (``codebook_config`` must then be None or equal). Otherwise
+        ``codebook_config`` is required and fresh codebooks are attached.
+        """
+        from transformers import AutoModelForCausalLM
+
+        folder = Path(name_or_path)
+        saved = folder / CODEBOOK_CONFIG_FILE
+        if saved.is_file():
+            stored = CodebookConfig.load(saved)
+            if codebook_config is not None and codebook_config != stored:
+                raise ConfigError(
+                    "codebook_config",
+                    f"differs from the one saved in {saved}",
+                    "pass codebook_config=None to use the saved codebooks",
+                )
+            codebook_config = stored
+        elif codebook_config is None:
+            raise ConfigError(
+                "codebook_config",
+                f"{name_or_path} has no {CODEBOOK_CONFIG_FILE}",
+                "pass codebook_config= to attach new codebooks to a base model",
+            )
+        from transformers import AutoConfig
+
+        hf_config = AutoConfig.from_pretrained(name_or_path, **_config_kwargs(hf_kwargs))
+        resolve_sites(hf_config, codebook_config)  # fail before any weights are read
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, **hf_kwargs)
+        cb_model = cls(model, codebook_config)
+        if saved.is_file():
+            cb_model.load_codebooks(folder / CODEBOOK_WEIGHTS_FILE)
+        return cb_model
+
+    def load_codebooks(self, file: str | Path) -> None:
+        """Load codebook weights, with a clear error when they do not fit this model."""
+        tensors = load_file(str(file))
+        own = {k: v for k, v in self.state_dict().items() if k.startswith("codebooks.")}
+        missing = sorted(set(own) - set(tensors))
+        extra = sorted(set(tensors) - set(own))
+        if missing or extra:
+            raise ConfigError(
+                str(file),
+                f"codebooks do not match this model "
+                f"(missing {missing[:3]}, unexpected {extra[:3]})",
+                "load it with the codebook config and base model it was trained with",
+            )
+        for k, v in tensors.items():
+            if v.shape != own[k].shape:
+                raise ConfigError(
+                    str(file),
+                    f"{k} has shape {tuple(v.shape)}, this model expects {tuple(own[k].shape)}",
+                    "load it with the codebook config and base model it was trained with",
+                )
+        self.load_state_dict(tensors, strict=False)
+
+
+def _config_kwargs(hf_kwargs: dict[str, Any]) -> dict[str, Any]:
+    keep = ("revision", "trust_remote_code", "cache_dir", "local_files_only", "token", "gguf_file")
+    return {k: v for k, v in hf_kwargs.items() if k in keep}
+
+
+def _check_site_width(model: nn.Module, site: Site) -> None:
+    """The hooked module's real width must match the config's (catches head-count mismatches)."""
+    module = model.get_submodule(site.module_path)
+    if site.hook == "pre":
+        width = getattr(module, "in_features", None) or getattr(module, "nx", None)
+    elif site.kind == "attn":
+        width = getattr(module, "out_features", None) or getattr(module, "nf", None)
+    else:
+        width = None
+    if width is not None and width != site.dim:
+        raise ConfigError(
+            f"codebook.sites[{site.kind}]",
+            f"{site.module_path} has width {width} but the model config implies {site.dim}"
+            " (head count x head size mismatch)",
+            "check num_attention_heads / head_dim in the model config",
+        )
+
+
+@contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """Yield a temp folder beside ``path``; on success it replaces ``path`` in one rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+

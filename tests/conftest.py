@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny random-initialised models of every supported family (no downloads)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+VOCAB = 64
+TINY_CONFIGS: dict[str, dict] = {
+    "gpt_neox": dict(model_type="gpt_neox", vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                     num_attention_heads=4, intermediate_size=64, max_position_embeddings=64),
+    "gpt2": dict(model_type="gpt2", vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4,
+                 n_positions=64, bos_token_id=0, eos_token_id=0),
+    "gpt_neo": dict(model_type="gpt_neo", vocab_size=VOCAB, hidden_size=32, num_layers=2,
+                    num_heads=4, attention_types=[[["global", "local"], 1]],
+                    max_position_embeddings=64, window_size=16, bos_token_id=0, eos_token_id=0),
+    "llama": dict(model_type="llama", vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                  max_position_embeddings=64),
+}
+FAMILIES = list(TINY_CONFIGS)
+
+
+def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
+    """A tiny random-initialised causal LM of ``family`` in eval mode."""
+    torch.manual_seed(seed)
+    kwargs = dict(TINY_CONFIGS[family])
+    config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def tokens() -> torch.Tensor:
+    return torch.randint(1, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
