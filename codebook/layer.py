@@ -79,32 +79,43 @@ class CodebookLayer(nn.Module):
         self.editors: list[CodeEditor] = []
         self.recording = False
         self.record_inputs = False
+        self.track_stats = False  # update running statistics outside training mode too
         self.recorded_codes: list[torch.Tensor] = []
         self.recorded_inputs: list[torch.Tensor] = []
         self.last_losses: LayerLosses | None = None
         self.enabled = True
 
     # ------------------------------------------------------------------ scoring
-    def _scores(self, x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        """Scores (groups, n, num_codes) for x (n, groups, group_dim)."""
+    def _score_operands(self, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What scoring needs from the codes, computed once per call rather than per chunk:
+        the (groups, group_dim, num_codes) right-hand side and, for euclidean, the
+        (groups, 1, num_codes) squared norms to subtract."""
+        if self.score == "euclidean":
+            return codes.transpose(1, 2), (codes * codes).sum(-1).unsqueeze(1)
+        return F.normalize(codes, dim=-1).transpose(1, 2), None
+
+    def _scores(self, x: torch.Tensor, rhs: torch.Tensor,
+                sq_norms: torch.Tensor | None) -> torch.Tensor:
+        """Scores (groups, n, num_codes) for x (n, groups, group_dim); see ``_score_operands``."""
         xg = x.transpose(0, 1)
         if self.score == "euclidean":
-            return 2 * xg @ codes.transpose(1, 2) - (codes * codes).sum(-1).unsqueeze(1)
+            return (2 * xg @ rhs).sub_(sq_norms)  # in place: one score-sized buffer, not two
         if self.score == "cosine":
             xg = F.normalize(xg, dim=-1)
-        return xg @ F.normalize(codes, dim=-1).transpose(1, 2)
+        return xg @ rhs
 
     @torch.no_grad()
     def select(self, x: torch.Tensor, k: int | None = None,
                disabled: torch.Tensor | None = None) -> torch.Tensor:
         """Top-k code ids (n, groups, k) for x (n, groups, group_dim), scored in token chunks."""
         k = self.k if k is None else k
-        codes = self.codes.detach().to(x.dtype)
+        rhs, sq_norms = self._score_operands(self.codes.detach().to(x.dtype))
+        mask = None if disabled is None else disabled.unsqueeze(1)
         out = []
         for chunk in x.split(self.score_chunk_tokens):
-            s = self._scores(chunk, codes)
-            if disabled is not None:
-                s = s.masked_fill(disabled.unsqueeze(1), float("-inf"))
+            s = self._scores(chunk, rhs, sq_norms)
+            if mask is not None:
+                s.masked_fill_(mask, float("-inf"))
             out.append(s.topk(k, dim=-1).indices.transpose(0, 1))
         return torch.cat(out) if len(out) > 1 else out[0]
 
@@ -146,7 +157,7 @@ class CodebookLayer(nn.Module):
             recon=err.mean(),
             commit=(x - out.detach()).pow(2).sum(dim=(-1, -2)).mean(),
         )
-        if self.training or self.recording:
+        if self.training or self.track_stats:
             self._update_stats(x, out, idx, weight, err)
         if self.recording:
             ids = idx if weight is None else idx.masked_fill(weight == 0, -1)
@@ -196,7 +207,7 @@ class CodebookLayer(nn.Module):
             torch.tensor(float(n), device=x.device),
         ]).to(self.stat_sums.dtype)
         if self.training:
-            self.steps_unused = torch.where(batch_counts > 0, 0, self.steps_unused + 1)
+            self.steps_unused.add_(1).masked_fill_(batch_counts > 0, 0)  # in place, no realloc
             r = self.recent.shape[1]
             if r:
                 pick = torch.randint(0, n, (r,), device=x.device)

@@ -1,0 +1,795 @@
+"""The FSM experiment: next-state prediction, codes as state classifiers, and interventions.
+
+All functions run under ``torch.no_grad`` with the model in eval mode (its previous mode is
+restored afterwards), in batches, on the model's device.
+
+Conventions
+-----------
+* A *state position* is the position of the LAST digit of a state (``fsm.state_labels``); the
+  next state's digits follow it. ``next_state_scores`` scores every state as the next one:
+  ``log P(s) = sum_j log p(digit_j(s) | context, digit_<j(s))``, the conditionals read from the
+  model's full-vocabulary softmax with the candidate's earlier digits teacher-forced. One
+  forward pass per distinct ``(D-1)``-digit prefix of the states' spellings covers all ``D``
+  conditionals (10 passes for the paper's 100 states and two digits, 1 pass for one digit).
+  Without ``renormalise`` the scores are the model's raw log-probabilities: their logsumexp over
+  states is ``<= 0``, with equality only when the model puts all its mass on digit sequences
+  that spell a valid state (no BOS, no out-of-range spelling such as "57" with 12 states);
+  ``renormalise=True`` turns them into the distribution over states conditioned on a valid
+  state following (used for every JSD below). Rankings (top-E) are the same either way.
+* Codes as classifiers (``classify_state_codes``): every (site, group) is a codebook; only state
+  positions are counted. A state's best code in a codebook maximises precision among codes with
+  recall >= ``min_recall`` (default 0.2; ties: higher recall). Without a recall floor a code
+  that fires on a handful of tokens is trivially 100% precise; 0.2 keeps the comparison about
+  codes covering a real share of the state's tokens, and the neuron baseline is matched at the
+  very same recall, so the comparison stays fair at any floor. The state's best code overall is
+  the most precise of its per-codebook bests (ties: higher recall, then codebook order). A code
+  is *dedicated* to a state when it is that state's best code in its codebook and its precision
+  is >= ``dedicated_precision`` (0.95).
+* Neuron baseline: for each state, the best single neuron (either sign) with its threshold set
+  so its recall equals the best code's recall (``classifiers.neuron_precisions_at_recall``
+  semantics, computed with one sort per neuron), over (a) the raw inputs of all codebook
+  sites concatenated and (b) the residual stream (embedding output plus every layer's output,
+  as ``output_hidden_states`` returns them, with the codebooks in effect).
+* Interventions: ordered pairs ``(a, b)`` of distinct states that both have a dedicated code at
+  the same site (``pair_selection="dedicated"``; when no such pair exists, e.g. for an untrained
+  model, random pairs of states that occur are used and ``pair_selection="fallback"``). For a
+  pair, b's codes are read at b's first occurrence (its last digit) in a random eval sequence;
+  targets are up to ``targets_per_pair`` other eval sequences at the first occurrence of ``a``
+  (never the final state, so the next state exists). The codes at that one position are
+  replaced by b's (``patch_codes``) at one site, or at all sites at once (``"all"``). Success:
+  the top-E predicted next states overlap b's E out-neighbours in at least
+  ``success_overlap * E`` states (default 0.9: 9 of 10 in the paper's FSM; all 3 of 3 with
+  three edges); the mean overlap is reported too. JSD: between the intervened next-state
+  distribution and b's own next-state distribution at the source position, divided by ln 2.
+  ``"clean"`` is the same measurement without any patch (the reference).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from codebook.analysis.classifiers import (
+    best_code_per_label,
+    code_feature_stats,
+    normalised_jsd,
+    precision_summary,
+)
+from codebook.data.fsm import TokFSM
+from codebook.interventions import patch_codes, read_codes, recording
+from codebook.model import CodebookModel
+
+__all__ = [
+    "StateData",
+    "best_neurons_at_recall",
+    "classify_state_codes",
+    "code_state_classification",
+    "collect_state_data",
+    "first_transition_accuracy",
+    "intervention_experiment",
+    "neuron_baseline",
+    "next_state_scores",
+    "run_fsm_analysis",
+    "select_pairs",
+    "transition_accuracy_all_positions",
+]
+
+_CHUNK_ELEMENTS = 1 << 24  # activations sorted per chunk of neurons (~64 MB of float32)
+
+
+# ---------------------------------------------------------------------- helpers
+@contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def _tokens(tokens: Any) -> torch.Tensor:
+    t = torch.as_tensor(np.asarray(tokens) if not torch.is_tensor(tokens) else tokens)
+    if t.dim() != 2:
+        raise ValueError(f"tokens must be (n, seq_len), got shape {tuple(t.shape)}")
+    return t.to(torch.long).cpu()
+
+
+def _state_spellings(fsm: TokFSM) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Digits (S, D), distinct (D-1)-digit prefixes (P, D-1), prefix index per state (S,)."""
+    digits = fsm.encode_states(np.arange(fsm.num_states)[:, None])
+    d = fsm.digits_per_state
+    if d == 1:
+        return digits, np.zeros((1, 0), dtype=np.int64), np.zeros(fsm.num_states, np.int64)
+    prefixes, inverse = np.unique(digits[:, : d - 1], axis=0, return_inverse=True)
+    return digits, prefixes.astype(np.int64), np.asarray(inverse, dtype=np.int64).ravel()
+
+
+def _hits_needed(fraction: float, e: int) -> int:
+    return min(e, max(1, math.ceil(fraction * e - 1e-9)))
+
+
+def _overlaps(fsm: TokFSM, scores: np.ndarray, states: np.ndarray) -> np.ndarray:
+    """Per row: |top-E scored states & out-neighbours(states)| / E."""
+    e = fsm.num_edges
+    top = np.argpartition(-scores, e - 1, axis=1)[:, :e]
+    return fsm.adjacency[np.asarray(states)[:, None], top].sum(axis=1) / e
+
+
+def _clean(value: Any) -> Any:
+    """JSON-able copy: numpy -> Python, non-finite floats -> None."""
+    if isinstance(value, Mapping):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, np.ndarray):
+        return [_clean(v) for v in value.tolist()]
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    if isinstance(value, np.bool_ | bool):
+        return bool(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, float | np.floating):
+        f = float(value)
+        return f if math.isfinite(f) else None
+    return value
+
+
+# ---------------------------------------------------------------------- next-state scores
+def next_state_scores(
+    model: CodebookModel,
+    fsm: TokFSM,
+    tokens: Any,
+    positions: Any,
+    *,
+    patch: Mapping[str, torch.Tensor] | None = None,
+    renormalise: bool = False,
+    batch_size: int = 256,
+) -> np.ndarray:
+    """Log-probability of every state being the next one after ``positions``: (n, num_states).
+
+    ``tokens`` (n, T) BOS-prefixed sequences; ``positions`` (n,) or a scalar: the last digit of
+    the current state in each row (a multiple of ``D``; 0 = BOS scores the first state). Tokens
+    after a row's position are ignored (the candidate digits are teacher-forced there), so a
+    position may be the last one of the sequence. See the module docstring for the
+    normalisation.
+
+    ``patch``: optional ``{site: codes (n, T_src, groups, k)}``; during every pass the codes at
+    ``site`` are replaced by ``codes[row]`` at the state positions used in the batch (the
+    ``positions`` of the rows in it). A row's patch must therefore hold its own natural codes
+    at every state position other than its own (``read_codes`` output with the row's position
+    overwritten; see :func:`intervention_experiment`). Candidate-digit positions are never
+    patched (they are not multiples of ``D``).
+    """
+    tok = _tokens(tokens)
+    n, seq_len = tok.shape
+    d = fsm.digits_per_state
+    pos = np.broadcast_to(np.asarray(positions, dtype=np.int64), (n,)).copy()
+    if n == 0:
+        return np.empty((0, fsm.num_states))
+    if (pos < 0).any() or (pos >= seq_len).any() or (pos % d).any():
+        raise ValueError(
+            f"positions must be state positions: multiples of {d} in [0, {seq_len})"
+        )
+    digits, prefixes, prefix_idx = _state_spellings(fsm)
+    n_prefix = len(prefixes)
+    device = _device(model)
+    out = np.empty((n, fsm.num_states), dtype=np.float64)
+    order = np.argsort(pos, kind="stable")  # similar positions together: shorter inputs
+    rows_per_pass = max(1, batch_size // n_prefix)
+    state_digit = torch.as_tensor(digits)
+    state_prefix = torch.as_tensor(prefix_idx)
+    with _eval_mode(model):
+        for start in range(0, n, rows_per_pass):
+            chunk = order[start : start + rows_per_pass]
+            c = len(chunk)
+            cp = pos[chunk]
+            length = int(cp.max()) + d
+            x = torch.zeros((c, length), dtype=torch.long)
+            keep = min(length, seq_len)
+            x[:, :keep] = tok[torch.as_tensor(chunk), :keep]
+            x = x.repeat_interleave(n_prefix, dim=0)  # row r * n_prefix + q
+            rr = torch.as_tensor(np.repeat(cp, n_prefix))
+            qq = torch.arange(n_prefix).repeat(c)
+            rows = torch.arange(c * n_prefix)
+            for j in range(d - 1):
+                x[rows, rr + 1 + j] = torch.as_tensor(prefixes[:, j])[qq]
+            with ExitStack() as stack:
+                if patch:
+                    at = np.unique(cp).tolist()
+                    idx = torch.as_tensor(chunk)
+                    for site, src in patch.items():
+                        rows_src = src[idx].repeat_interleave(n_prefix, dim=0).to(device)
+                        stack.enter_context(patch_codes(model, site, rows_src, positions=at))
+                logits = model(input_ids=x.to(device)).logits
+            read_at = rr[:, None] + torch.arange(d)[None, :]  # (c*P, D)
+            lp = logits[rows[:, None].to(device), read_at.to(device)].double().log_softmax(-1)
+            lp = lp.cpu().view(c, n_prefix, d, -1)
+            total = torch.zeros((c, fsm.num_states), dtype=torch.float64)
+            for j in range(d):
+                total += lp[:, state_prefix, j, state_digit[:, j]]
+            out[chunk] = total.numpy()
+    if renormalise:
+        out = out - _logsumexp(out)
+    return out
+
+
+def _logsumexp(x: np.ndarray) -> np.ndarray:
+    m = x.max(axis=1, keepdims=True)
+    return m + np.log(np.exp(x - m).sum(axis=1, keepdims=True))
+
+
+def first_transition_accuracy(
+    model: CodebookModel, fsm: TokFSM, tokens: Any, batch_size: int = 256
+) -> float:
+    """Mean overlap of the top-E predicted next states after the FIRST state (position D) with
+    its E true out-neighbours (``fsm.first_transition_accuracy``)."""
+    tok = _tokens(tokens)
+    d = fsm.digits_per_state
+    scores = next_state_scores(model, fsm, tok[:, : 2 * d], d, batch_size=batch_size)
+    first = fsm.decode_tokens(tok[:, 1 : 1 + d].numpy(), has_bos=False)[:, 0]
+    return fsm.first_transition_accuracy(scores, first)
+
+
+def transition_accuracy_all_positions(
+    model: CodebookModel,
+    fsm: TokFSM,
+    tokens: Any,
+    max_samples: int | None = 256,
+    seed: int = 0,
+    batch_size: int = 256,
+) -> float:
+    """Like :func:`first_transition_accuracy`, averaged over every state position but the last
+    (whose next state is not in the sequence). ``max_samples`` (row, position) pairs are drawn
+    uniformly without replacement (None: all; costs one pass per prefix per pair)."""
+    tok = _tokens(tokens)
+    labels = fsm.state_labels(tok.numpy())
+    state_pos = np.flatnonzero(labels[0] >= 0)[:-1]
+    if state_pos.size == 0:
+        raise ValueError("sequences need at least two states for transition accuracy")
+    rows, cols = np.meshgrid(np.arange(tok.shape[0]), state_pos, indexing="ij")
+    rows, cols = rows.ravel(), cols.ravel()
+    if max_samples is not None and rows.size > max_samples:
+        pick = np.random.default_rng(seed).choice(rows.size, size=max_samples, replace=False)
+        rows, cols = rows[pick], cols[pick]
+    scores = next_state_scores(model, fsm, tok[torch.as_tensor(rows)], cols,
+                               batch_size=batch_size)
+    return fsm.first_transition_accuracy(scores, labels[rows, cols])
+
+
+# ---------------------------------------------------------------------- reading states
+@dataclass
+class StateData:
+    """Codes and activations at every state position of a set of sequences (M = rows x states).
+
+    ``site_acts`` holds the raw inputs of all sites side by side (``site_columns[site]`` is its
+    column range); ``residual`` the residual stream (``residual_columns[name]``, names
+    ``hidden_0`` = embeddings ... ``hidden_L`` = last layer output).
+    """
+
+    labels: np.ndarray  # (M,) state
+    rows: np.ndarray  # (M,) sequence index
+    positions: np.ndarray  # (M,) token position
+    codes: dict[str, np.ndarray] = field(default_factory=dict)  # (M, groups, k), -1 inactive
+    site_acts: np.ndarray | None = None  # (M, sum of site dims) float32
+    site_columns: dict[str, tuple[int, int]] = field(default_factory=dict)
+    residual: np.ndarray | None = None  # (M, (layers + 1) * hidden) float32
+    residual_columns: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+
+def collect_state_data(
+    model: CodebookModel,
+    fsm: TokFSM,
+    tokens: Any,
+    sites: Sequence[str] | None = None,
+    activations: bool = True,
+    residual: bool = True,
+    batch_size: int = 64,
+) -> StateData:
+    """One batched pass over ``tokens`` recording codes (and activations) at state positions."""
+    tok = _tokens(tokens)
+    names = list(sites) if sites is not None else list(model.codebooks)
+    for name in names:
+        model.site(name)
+    labels_full = fsm.state_labels(tok.numpy())
+    state_pos = np.flatnonzero(labels_full[0] >= 0)
+    n, s = tok.shape[0], state_pos.size
+    data = StateData(
+        labels=labels_full[:, state_pos].reshape(-1),
+        rows=np.repeat(np.arange(n), s),
+        positions=np.tile(state_pos, n),
+    )
+    device = _device(model)
+    pos_t = torch.as_tensor(state_pos)
+    code_parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    with _eval_mode(model):
+        for start in range(0, n, batch_size):
+            x = tok[start : start + batch_size].to(device)
+            lo, hi = start * s, (start + x.shape[0]) * s
+            with recording(model, names, activations=activations) as rec:
+                out = model.model(input_ids=x, output_hidden_states=residual)
+            for name in names:
+                codes = rec.codes[name][:, pos_t.to(device)].cpu().numpy()
+                code_parts[name].append(codes.reshape(-1, *codes.shape[2:]))
+            if activations:
+                parts = [rec.activations[name][:, pos_t.to(device)] for name in names]
+                _store(data, "site_acts", "site_columns", names, parts, n * s, lo, hi)
+            if residual:
+                hidden = out.hidden_states
+                hnames = [f"hidden_{i}" for i in range(len(hidden))]
+                parts = [h[:, pos_t.to(device)] for h in hidden]
+                _store(data, "residual", "residual_columns", hnames, parts, n * s, lo, hi)
+    for name, chunks in code_parts.items():  # interventions may widen some batches' code slots
+        width = max(c.shape[-1] for c in chunks) if chunks else 1
+        groups = model.codebooks[name].groups
+        out = np.full((n * s, groups, width), -1, dtype=np.int64)
+        row = 0
+        for c in chunks:
+            out[row : row + c.shape[0], :, : c.shape[-1]] = c
+            row += c.shape[0]
+        data.codes[name] = out
+    return data
+
+
+def _store(data: StateData, attr: str, cols_attr: str, names: list[str],
+           parts: list[torch.Tensor], total: int, lo: int, hi: int) -> None:
+    flat = [p.reshape(-1, p.shape[-1]).float().cpu().numpy() for p in parts]
+    if getattr(data, attr) is None:
+        widths = [f.shape[1] for f in flat]
+        edges = np.concatenate([[0], np.cumsum(widths)])
+        setattr(data, cols_attr, {nm: (int(edges[i]), int(edges[i + 1]))
+                                  for i, nm in enumerate(names)})
+        setattr(data, attr, np.empty((total, int(edges[-1])), dtype=np.float32))
+    np.concatenate(flat, axis=1, out=getattr(data, attr)[lo:hi])
+
+
+# ---------------------------------------------------------------------- codes as classifiers
+def classify_state_codes(
+    codes: Mapping[str, np.ndarray],
+    labels: np.ndarray,
+    num_states: int,
+    num_codes: int | Mapping[str, int],
+    min_recall: float = 0.2,
+    dedicated_precision: float = 0.95,
+) -> dict[str, Any]:
+    """Best code per state in every codebook and overall, from codes at labelled positions.
+
+    ``codes``: ``{site: (M, groups, k) or (M, k)}`` code ids (-1 inactive); ``labels`` (M,)
+    state ids (-1 = not a state position: ignored). ``num_codes`` per site or for all.
+
+    Returns ``codebooks`` (list of ``(site, group)``), ``per_codebook`` {code, precision,
+    recall} arrays (C, S), ``best_site`` / ``best_group`` / ``best_code`` / ``precision`` /
+    ``recall`` (S,) for the best code overall (site None, code -1, NaN where none is eligible),
+    ``dedicated`` (S,) bool, ``states_with_dedicated_code``, ``dedicated_by_site`` {site: sorted
+    states}, ``state_counts`` (S,) and ``code_precision`` (``precision_summary``).
+    """
+    labels = np.asarray(labels, dtype=np.int64).ravel()
+    mask = labels >= 0
+    names: list[tuple[str, int]] = []
+    per_code, per_p, per_r = [], [], []
+    for site, arr in codes.items():
+        arr = np.asarray(arr)
+        if arr.ndim == 2:
+            arr = arr[:, None, :]
+        if arr.ndim != 3 or arr.shape[0] != labels.size:
+            raise ValueError(f"codes[{site!r}] must be (M, groups, k) with M={labels.size}, "
+                             f"got shape {arr.shape}")
+        size = num_codes if isinstance(num_codes, int) else int(num_codes[site])
+        for g in range(arr.shape[1]):
+            stats = code_feature_stats(arr[:, g, :], labels, size, num_states, mask)
+            code, p, r = best_code_per_label(stats, min_recall=min_recall)
+            names.append((site, g))
+            per_code.append(code)
+            per_p.append(p)
+            per_r.append(r)
+    counts = np.bincount(labels[mask], minlength=num_states)[:num_states]
+    if not names:
+        raise ValueError("classify_state_codes needs at least one codebook")
+    code_a, p_a, r_a = np.stack(per_code), np.stack(per_p), np.stack(per_r)  # (C, S)
+    # Most precise, ties to higher recall, then to the earlier codebook.
+    key_p = np.where(np.isfinite(p_a), p_a, -np.inf)
+    key_r = np.where(np.isfinite(r_a), r_a, -np.inf)
+    best_cb = _best_rows(key_p, key_r)
+    cols = np.arange(num_states)
+    precision = p_a[best_cb, cols]
+    has = np.isfinite(precision)
+    recall = np.where(has, r_a[best_cb, cols], np.nan)
+    best_code = np.where(has, code_a[best_cb, cols], -1)
+    dedicated_cb = np.isfinite(p_a) & (p_a >= dedicated_precision)  # (C, S)
+    dedicated = dedicated_cb.any(axis=0)
+    by_site: dict[str, list[int]] = {}
+    for i, (site, _) in enumerate(names):
+        states = set(by_site.get(site, [])) | set(np.flatnonzero(dedicated_cb[i]).tolist())
+        by_site[site] = sorted(states)
+    return {
+        "codebooks": names,
+        "per_codebook": {"code": code_a, "precision": p_a, "recall": r_a},
+        "best_site": [names[best_cb[s]][0] if has[s] else None for s in range(num_states)],
+        "best_group": np.where(has, [names[best_cb[s]][1] for s in range(num_states)], -1),
+        "best_code": best_code,
+        "precision": precision,
+        "recall": recall,
+        "dedicated": dedicated,
+        "states_with_dedicated_code": int(dedicated.sum()),
+        "dedicated_by_site": by_site,
+        "state_counts": counts,
+        "code_precision": precision_summary(precision),
+    }
+
+
+def _best_rows(key_p: np.ndarray, key_r: np.ndarray) -> np.ndarray:
+    """Per column, the row with the highest key_p, ties to higher key_r, then lower row."""
+    best_p = key_p.max(axis=0)
+    tied = key_p == best_p[None, :]
+    return np.where(tied, key_r, -np.inf).argmax(axis=0)
+
+
+def code_state_classification(
+    model: CodebookModel,
+    fsm: TokFSM,
+    tokens: Any,
+    sites: Sequence[str] | None = None,
+    min_recall: float = 0.2,
+    dedicated_precision: float = 0.95,
+    batch_size: int = 64,
+) -> dict[str, Any]:
+    """Read codes at every state position of ``tokens`` and run :func:`classify_state_codes`
+    over every (site, group) codebook."""
+    data = collect_state_data(model, fsm, tokens, sites, activations=False, residual=False,
+                              batch_size=batch_size)
+    sizes = {name: model.codebooks[name].num_codes for name in data.codes}
+    return classify_state_codes(data.codes, data.labels, fsm.num_states, sizes, min_recall,
+                                dedicated_precision)
+
+
+# ---------------------------------------------------------------------- neuron baseline
+def best_neurons_at_recall(
+    acts: np.ndarray,
+    labels: np.ndarray,
+    target_recall: np.ndarray,
+    both_signs: bool = True,
+    chunk_elements: int = _CHUNK_ELEMENTS,
+) -> dict[str, np.ndarray]:
+    """For every label ``s`` with a finite ``target_recall[s]``: the best single neuron.
+
+    Same semantics as ``classifiers.neuron_precision_at_recall`` (threshold = the
+    ``ceil(recall * P)``-th largest signed activation among the P positives, predicted positive
+    where ``sign * a >= threshold``; ties to the lower neuron, then sign +1), but all labels at
+    once: each neuron's column is sorted once and counted by binary search. ``labels`` (M,)
+    with -1 = none (still counted as negatives). Returns ``precision``, ``neuron``, ``sign``,
+    ``threshold`` arrays of length ``len(target_recall)`` (NaN / -1 / 0 where skipped).
+    """
+    acts = np.asarray(acts)
+    labels = np.asarray(labels, dtype=np.int64).ravel()
+    target = np.asarray(target_recall, dtype=np.float64).ravel()
+    if acts.ndim != 2 or acts.shape[0] != labels.size:
+        raise ValueError(f"acts must be (M, D) with M={labels.size}, got {acts.shape}")
+    num = target.size
+    prec = np.full(num, np.nan)
+    neuron = np.full(num, -1, dtype=np.int64)
+    sign_out = np.zeros(num, dtype=np.int64)
+    thr_out = np.full(num, np.nan)
+    m_total, dim = acts.shape
+    todo, pos_rows, needed = [], [], []
+    for s in range(num):
+        if not np.isfinite(target[s]):
+            continue
+        rows = np.flatnonzero(labels == s)
+        if rows.size == 0:
+            continue
+        if not 0.0 < target[s] <= 1.0:
+            raise ValueError(f"target_recall[{s}]={target[s]} must be in (0, 1]")
+        todo.append(s)
+        pos_rows.append(rows)
+        needed.append(min(max(math.ceil(target[s] * rows.size - 1e-9), 1), rows.size))
+    if not todo or dim == 0:
+        return {"precision": prec, "neuron": neuron, "sign": sign_out, "threshold": thr_out}
+    signs = (1, -1) if both_signs else (1,)
+    best = np.full((len(todo),), -1.0)
+    chunk = max(1, chunk_elements // max(m_total, 1))
+    for start in range(0, dim, chunk):
+        stop = min(start + chunk, dim)
+        block = np.ascontiguousarray(acts[:, start:stop], dtype=np.float32)
+        sorted_cols = np.sort(block.T, axis=1)  # (chunk, M)
+        for sign in signs:
+            thr = np.empty((len(todo), stop - start), dtype=np.float32)
+            n_pos = np.empty((len(todo), stop - start), dtype=np.int64)
+            for i, rows in enumerate(pos_rows):
+                pos = block[rows] if sign == 1 else -block[rows]
+                t = np.partition(pos, rows.size - needed[i], axis=0)[rows.size - needed[i]]
+                thr[i] = t
+                n_pos[i] = (pos >= t[None, :]).sum(axis=0)
+            n_above = np.empty_like(n_pos)
+            for j in range(stop - start):
+                col = sorted_cols[j]
+                if sign == 1:
+                    n_above[:, j] = m_total - np.searchsorted(col, thr[:, j], side="left")
+                else:  # -a >= t  <=>  a <= -t
+                    n_above[:, j] = np.searchsorted(col, -thr[:, j], side="right")
+            p = n_pos / np.maximum(n_above, 1)
+            j_best = p.argmax(axis=1)
+            p_best = p[np.arange(len(todo)), j_best]
+            better = p_best > best  # strict: earlier chunks (lower index) and sign +1 win ties
+            for i in np.flatnonzero(better):
+                s = todo[i]
+                best[i] = p_best[i]
+                prec[s], neuron[s], sign_out[s] = p_best[i], start + j_best[i], sign
+                thr_out[s] = thr[i, j_best[i]]
+    return {"precision": prec, "neuron": neuron, "sign": sign_out, "threshold": thr_out}
+
+
+def neuron_baseline(
+    acts: np.ndarray,
+    columns: Mapping[str, tuple[int, int]],
+    labels: np.ndarray,
+    target_recall: np.ndarray,
+) -> dict[str, Any]:
+    """:func:`best_neurons_at_recall` plus a readable neuron name ``"<block>:<index>"``."""
+    res = best_neurons_at_recall(acts, labels, target_recall)
+    names: list[str | None] = []
+    for j in res["neuron"]:
+        name = None
+        for block, (lo, hi) in columns.items():
+            if lo <= j < hi:
+                name = f"{block}:{int(j) - lo}"
+        names.append(name)
+    return {**res, "name": names, "summary": precision_summary(res["precision"])}
+
+
+# ---------------------------------------------------------------------- interventions
+def select_pairs(
+    dedicated_by_site: Mapping[str, Sequence[int]],
+    present_states: Sequence[int],
+    max_pairs: int,
+    rng: np.random.Generator,
+) -> tuple[list[tuple[int, int]], str]:
+    """Ordered pairs (a, b), a != b, both dedicated at one site and both in ``present_states``;
+    up to ``max_pairs`` drawn at random. Falls back to random pairs of present states (and
+    says so: ``"fallback"``) when there is no such pair."""
+    present = set(int(s) for s in present_states)
+    candidates: set[tuple[int, int]] = set()
+    for states in dedicated_by_site.values():
+        ok = sorted(present & set(int(s) for s in states))
+        candidates.update((a, b) for a in ok for b in ok if a != b)
+    mode = "dedicated"
+    if not candidates:
+        mode = "fallback"
+        ok = sorted(present)
+        candidates = {(a, b) for a in ok for b in ok if a != b}
+    pool = sorted(candidates)
+    if not pool or max_pairs <= 0:
+        return [], mode
+    pick = rng.choice(len(pool), size=min(max_pairs, len(pool)), replace=False)
+    return [pool[i] for i in sorted(pick)], mode
+
+
+def _first_occurrences(fsm: TokFSM, tokens: np.ndarray) -> dict[int, list[tuple[int, int]]]:
+    """state -> [(row, position of its first occurrence in the row)], final state excluded."""
+    labels = fsm.state_labels(tokens)
+    state_pos = np.flatnonzero(labels[0] >= 0)[:-1]
+    occ: dict[int, list[tuple[int, int]]] = {}
+    for row in range(tokens.shape[0]):
+        seen: set[int] = set()
+        for p in state_pos:
+            s = int(labels[row, p])
+            if s not in seen:
+                seen.add(s)
+                occ.setdefault(s, []).append((row, int(p)))
+    return occ
+
+
+def intervention_experiment(
+    model: CodebookModel,
+    fsm: TokFSM,
+    tokens: Any,
+    pairs: Sequence[tuple[int, int]],
+    sites: Sequence[str] | None = None,
+    targets_per_pair: int = 4,
+    success_overlap: float = 0.9,
+    seed: int = 0,
+    batch_size: int = 256,
+) -> dict[str, Any]:
+    """Patch b's codes into sequences at a's position; see the module docstring.
+
+    Returns ``by_site`` {site: metrics}, ``all`` (every site patched at once), ``clean`` (no
+    patch), ``pairs`` (the pairs used) and ``n`` (target rows); metrics are ``success_rate``,
+    ``mean_overlap`` (with b's out-neighbours), ``overlap_with_a``, ``jsd_normalised`` and
+    ``n``.
+    """
+    tok = _tokens(tokens)
+    names = list(sites) if sites is not None else list(model.codebooks)
+    occ = _first_occurrences(fsm, tok.numpy())
+    rng = np.random.default_rng(seed)
+    used, src, targets, pair_of = [], [], [], []
+    for a, b in pairs:
+        if not occ.get(a) or not occ.get(b):
+            continue
+        s_row, s_pos = occ[b][rng.integers(len(occ[b]))]
+        cands = [o for o in occ[a] if o[0] != s_row] or occ[a]
+        pick = rng.choice(len(cands), size=min(targets_per_pair, len(cands)), replace=False)
+        targets.extend(cands[i] for i in sorted(pick))
+        pair_of.extend([len(used)] * len(pick))
+        src.append((s_row, s_pos))
+        used.append((int(a), int(b)))
+    empty = {"success_rate": math.nan, "mean_overlap": math.nan, "overlap_with_a": math.nan,
+             "jsd_normalised": math.nan, "n": 0}
+    if not used:
+        return {"by_site": {s: dict(empty) for s in names}, "all": dict(empty),
+                "clean": dict(empty), "pairs": [], "n": 0}
+    pair_of_a = np.asarray(pair_of)
+    src_rows = np.asarray([r for r, _ in src])
+    src_pos = np.asarray([p for _, p in src])
+    t_rows = np.asarray([r for r, _ in targets])
+    t_pos = np.asarray([p for _, p in targets])
+    a_state = np.asarray([used[i][0] for i in pair_of_a])
+    b_state = np.asarray([used[i][1] for i in pair_of_a])
+
+    # b's own next-state distribution at its source position.
+    b_logp = next_state_scores(model, fsm, tok[torch.as_tensor(src_rows)], src_pos,
+                               renormalise=True, batch_size=batch_size)
+    b_probs = np.exp(b_logp)[pair_of_a]
+
+    # Codes of the target rows (natural) and of the sources at b's position.
+    with _eval_mode(model):
+        t_codes = _read_rows(model, tok[torch.as_tensor(t_rows)], names, batch_size)
+        s_codes = _read_rows(model, tok[torch.as_tensor(src_rows)], names, batch_size)
+    patched: dict[str, torch.Tensor] = {}
+    idx = torch.arange(len(t_rows))
+    for name in names:
+        p = t_codes[name].clone()
+        p[idx, torch.as_tensor(t_pos)] = s_codes[name][
+            torch.as_tensor(pair_of_a), torch.as_tensor(src_pos[pair_of_a])]
+        patched[name] = p
+
+    t_tok = tok[torch.as_tensor(t_rows)]
+    e_need = _hits_needed(success_overlap, fsm.num_edges)
+
+    def measure(patch: Mapping[str, torch.Tensor] | None) -> dict[str, Any]:
+        logp = next_state_scores(model, fsm, t_tok, t_pos, patch=patch, renormalise=True,
+                                 batch_size=batch_size)
+        over_b = _overlaps(fsm, logp, b_state)
+        over_a = _overlaps(fsm, logp, a_state)
+        jsd = normalised_jsd(np.exp(logp), b_probs, axis=1)
+        return {
+            "success_rate": float((over_b * fsm.num_edges >= e_need - 1e-9).mean()),
+            "mean_overlap": float(over_b.mean()),
+            "overlap_with_a": float(over_a.mean()),
+            "jsd_normalised": float(np.clip(jsd, 0.0, 1.0).mean()),
+            "n": len(t_rows),
+        }
+
+    return {
+        "clean": measure(None),
+        "by_site": {name: measure({name: patched[name]}) for name in names},
+        "all": measure(patched),
+        "pairs": used,
+        "n": len(t_rows),
+    }
+
+
+def _read_rows(model: CodebookModel, tok: torch.Tensor, names: list[str],
+               batch_size: int) -> dict[str, torch.Tensor]:
+    device = _device(model)
+    parts: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    for start in range(0, tok.shape[0], batch_size):
+        rec = read_codes(model, tok[start : start + batch_size].to(device), sites=names)
+        for n in names:
+            parts[n].append(rec.codes[n].cpu())
+    return {n: torch.cat(v) for n, v in parts.items()}
+
+
+# ---------------------------------------------------------------------- the whole experiment
+def run_fsm_analysis(
+    model: CodebookModel,
+    fsm: TokFSM,
+    eval_tokens: Any,
+    max_pairs: int = 20,
+    seed: int = 0,
+    sites: Sequence[str] | None = None,
+    targets_per_pair: int = 4,
+    min_recall: float = 0.2,
+    dedicated_precision: float = 0.95,
+    success_overlap: float = 0.9,
+    all_positions_samples: int | None = 256,
+    batch_size: int = 64,
+    score_batch_size: int = 256,
+) -> dict[str, Any]:
+    """The FSM experiment's JSON-able report (NaN -> None); see the module docstring.
+
+    Top-level keys: ``first_transition_accuracy``, ``transition_accuracy_all_positions``,
+    ``code_precision_{mean,median,frac_ge_095}``, ``code_recall_mean``,
+    ``neuron_precision_{mean,median,frac_ge_095}`` (raw site inputs),
+    ``neuron_precision_residual_{mean,median,frac_ge_095}``, ``states_with_dedicated_code``,
+    ``intervention_success_rate`` / ``intervention_mean_overlap`` /
+    ``intervention_jsd_normalised`` (all sites patched), ``intervention_clean_*`` (no patch),
+    ``intervention_by_site`` {site: metrics, "all": ...}, ``intervention_pairs``,
+    ``pair_selection``, ``per_state`` (arrays over states for plots), ``settings``.
+    """
+    tok = _tokens(eval_tokens)
+    names = list(sites) if sites is not None else list(model.codebooks)
+    report: dict[str, Any] = {
+        "num_sequences": int(tok.shape[0]),
+        "num_states": fsm.num_states,
+        "num_edges": fsm.num_edges,
+        "sites": names,
+        "settings": {
+            "max_pairs": max_pairs, "seed": seed, "targets_per_pair": targets_per_pair,
+            "min_recall": min_recall, "dedicated_precision": dedicated_precision,
+            "success_overlap": success_overlap, "all_positions_samples": all_positions_samples,
+        },
+    }
+    report["first_transition_accuracy"] = first_transition_accuracy(
+        model, fsm, tok, batch_size=score_batch_size)
+    report["transition_accuracy_all_positions"] = transition_accuracy_all_positions(
+        model, fsm, tok, max_samples=all_positions_samples, seed=seed,
+        batch_size=score_batch_size)
+
+    data = collect_state_data(model, fsm, tok, names, batch_size=batch_size)
+    sizes = {name: model.codebooks[name].num_codes for name in names}
+    cls = classify_state_codes(data.codes, data.labels, fsm.num_states, sizes, min_recall,
+                               dedicated_precision)
+    assert data.site_acts is not None and data.residual is not None
+    nb_sites = neuron_baseline(data.site_acts, data.site_columns, data.labels, cls["recall"])
+    nb_resid = neuron_baseline(data.residual, data.residual_columns, data.labels, cls["recall"])
+    del data
+
+    cp, ns, nr = cls["code_precision"], nb_sites["summary"], nb_resid["summary"]
+    report.update({
+        "code_precision_mean": cp["mean"], "code_precision_median": cp["median"],
+        "code_precision_frac_ge_095": cp["frac_ge_095"],
+        "code_recall_mean": precision_summary(cls["recall"])["mean"],
+        "neuron_precision_mean": ns["mean"], "neuron_precision_median": ns["median"],
+        "neuron_precision_frac_ge_095": ns["frac_ge_095"],
+        "neuron_precision_residual_mean": nr["mean"],
+        "neuron_precision_residual_median": nr["median"],
+        "neuron_precision_residual_frac_ge_095": nr["frac_ge_095"],
+        "states_with_dedicated_code": cls["states_with_dedicated_code"],
+        "states_classified": cp["n"],
+        "codebooks_considered": len(cls["codebooks"]),
+    })
+
+    rng = np.random.default_rng(seed)
+    present = sorted(_first_occurrences(fsm, tok.numpy()))
+    pairs, mode = select_pairs(cls["dedicated_by_site"], present, max_pairs, rng)
+    inter = intervention_experiment(model, fsm, tok, pairs, names, targets_per_pair,
+                                    success_overlap, seed, score_batch_size)
+    report.update({
+        "intervention_success_rate": inter["all"]["success_rate"],
+        "intervention_mean_overlap": inter["all"]["mean_overlap"],
+        "intervention_jsd_normalised": inter["all"]["jsd_normalised"],
+        "intervention_clean_success_rate": inter["clean"]["success_rate"],
+        "intervention_clean_jsd_normalised": inter["clean"]["jsd_normalised"],
+        "intervention_by_site": {**inter["by_site"], "all": inter["all"]},
+        "intervention_clean": inter["clean"],
+        "intervention_pairs": [list(p) for p in inter["pairs"]],
+        "intervention_rows": inter["n"],
+        "pair_selection": mode,
+    })
+    report["per_state"] = {
+        "state": np.arange(fsm.num_states),
+        "count": cls["state_counts"],
+        "code_site": cls["best_site"],
+        "code_group": cls["best_group"],
+        "code": cls["best_code"],
+        "code_precision": cls["precision"],
+        "code_recall": cls["recall"],
+        "dedicated": cls["dedicated"],
+        "neuron": nb_sites["name"],
+        "neuron_precision": nb_sites["precision"],
+        "neuron_residual": nb_resid["name"],
+        "neuron_precision_residual": nb_resid["precision"],
+    }
+    return _clean(report)

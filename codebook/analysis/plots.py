@@ -1,0 +1,124 @@
+"""Figures of the FSM analysis report (``codebook.analysis.fsm.run_fsm_analysis``).
+
+Matplotlib's Agg canvas is used directly (no pyplot, no global backend switch), and every PNG
+is written atomically: to a temporary file beside the target, then ``os.replace``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+__all__ = ["plot_code_vs_neuron_precision", "plot_intervention_by_site", "save_figure"]
+
+
+def save_figure(fig: Figure, path: str | os.PathLike[str], dpi: int = 120) -> Path:
+    """Write ``fig`` as a PNG at ``path`` atomically; return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png.tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fig.savefig(fh, format="png", dpi=dpi, bbox_inches="tight")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _floats(values: Any) -> np.ndarray:
+    return np.array([np.nan if v is None else float(v) for v in values], dtype=np.float64)
+
+
+def _mean_label(name: str, arr: np.ndarray) -> str:
+    finite = arr[np.isfinite(arr)]
+    return f"{name} (mean {finite.mean():.3f})" if finite.size else f"{name} (none)"
+
+
+def plot_code_vs_neuron_precision(report: Mapping[str, Any],
+                                  path: str | os.PathLike[str]) -> Path:
+    """Per state: the best code's precision against the best neuron's at the same recall.
+
+    Left: states sorted by code precision, with the neuron baselines (site inputs, residual
+    stream) at the same recall. Right: neuron vs code precision per state, with y = x.
+    """
+    per_state = report["per_state"]
+    code = _floats(per_state["code_precision"])
+    neuron = _floats(per_state["neuron_precision"])
+    resid = _floats(per_state.get("neuron_precision_residual", [None] * len(code)))
+    order = np.argsort(np.where(np.isfinite(code), code, -1.0), kind="stable")[::-1]
+    x = np.arange(len(code))
+
+    fig = Figure(figsize=(11, 4.2))
+    ax1, ax2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.6, 1]})
+    ax1.plot(x, code[order], "o-", ms=3, lw=1, label=_mean_label("code", code))
+    ax1.plot(x, neuron[order], "s", ms=3, alpha=0.8,
+             label=_mean_label("neuron, site inputs", neuron))
+    if np.isfinite(resid).any():
+        ax1.plot(x, resid[order], "^", ms=3, alpha=0.8,
+                 label=_mean_label("neuron, residual", resid))
+    ax1.axhline(0.95, color="grey", ls=":", lw=1)
+    ax1.set_xlabel("state (sorted by code precision)")
+    ax1.set_ylabel("precision at the code's recall")
+    ax1.set_ylim(-0.02, 1.02)
+    ax1.legend(loc="lower left", fontsize=8)
+    ax1.set_title("FSM states: best code vs best neuron")
+
+    ax2.plot([0, 1], [0, 1], color="grey", lw=1, ls="--")
+    ax2.scatter(code, neuron, s=12, label="site inputs")
+    if np.isfinite(resid).any():
+        ax2.scatter(code, resid, s=12, marker="^", label="residual")
+    ax2.set_xlim(-0.02, 1.02)
+    ax2.set_ylim(-0.02, 1.02)
+    ax2.set_xlabel("code precision")
+    ax2.set_ylabel("neuron precision")
+    ax2.legend(loc="upper left", fontsize=8)
+    ax2.set_aspect("equal")
+    return save_figure(fig, path)
+
+
+def plot_intervention_by_site(report: Mapping[str, Any],
+                              path: str | os.PathLike[str]) -> Path:
+    """Success rate, mean top-E overlap with b's out-neighbours and normalised JSD (to b's own
+    next-state distribution) per patched site and for all sites at once; the unpatched
+    reference as dashed lines."""
+    by_site = report["intervention_by_site"]
+    names = [n for n in by_site if n != "all"] + (["all"] if "all" in by_site else [])
+    success = _floats([by_site[n].get("success_rate") for n in names])
+    overlap = _floats([by_site[n].get("mean_overlap") for n in names])
+    jsd = _floats([by_site[n].get("jsd_normalised") for n in names])
+    clean = report.get("intervention_clean") or {}
+    x = np.arange(len(names))
+    width = 0.27
+
+    fig = Figure(figsize=(max(6.0, 0.55 * len(names) + 2), 4.2))
+    ax = fig.subplots()
+    ax.bar(x - width, np.nan_to_num(success), width, label="success rate")
+    ax.bar(x, np.nan_to_num(overlap), width, label="top-E overlap with b's next states")
+    ax.bar(x + width, np.nan_to_num(jsd), width, label="JSD to b / ln 2")
+    for key, color, label in (("success_rate", "C0", "success, no patch"),
+                              ("mean_overlap", "C1", "overlap, no patch"),
+                              ("jsd_normalised", "C2", "JSD, no patch")):
+        if clean.get(key) is not None and np.isfinite(float(clean[key])):
+            ax.axhline(float(clean[key]), color=color, ls="--", lw=1, label=label)
+    ax.set_xticks(x)
+    ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("fraction")
+    pairs = report.get("intervention_pairs") or []
+    ax.set_title(f"Patching state b's codes at state a ({len(pairs)} pairs, "
+                 f"{report.get('pair_selection', '?')})")
+    ax.legend(fontsize=8, loc="upper left")
+    return save_figure(fig, path)

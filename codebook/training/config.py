@@ -1,0 +1,282 @@
+"""Training configuration: typed sections loaded from YAML, overridden by ``--set``, validated.
+
+Every field is typed; unknown keys and wrong types are reported with their dotted path and the
+fix before any worker, model or dataset is touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from codebook.config import CodebookConfig
+from codebook.data.fsm import FSMConfig
+from codebook.errors import ConfigError
+
+
+@dataclass
+class RunSection:
+    name: str = "codebook"
+    # Where Ray Train writes checkpoints; must be reachable from every node (shared FS or cloud).
+    storage_path: str = "~/codebook-runs"
+    seed: int = 0
+    max_steps: int = 1000
+    log_every: int = 50
+    eval_every: int = 250
+    checkpoint_every: int = 250
+    num_workers: int = 1
+    use_gpu: bool | None = None  # None: use GPUs when the cluster has them
+    cpus_per_worker: float = 1.0
+    max_failures: int = 2
+
+
+@dataclass
+class ModelSection:
+    # A hub name or local folder (``from_pretrained``), or a config to build a fresh model.
+    name_or_path: str | None = None
+    from_config: dict[str, Any] | None = None
+    gguf_file: str | None = None
+    tokenizer: str | None = None
+    freeze_base: bool = False
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DataSection:
+    source: Literal["fsm", "text", "parquet", "hf"] = "fsm"
+    fsm: dict[str, Any] = field(default_factory=dict)
+    paths: list[str] = field(default_factory=list)
+    hf_dataset: str | None = None
+    hf_split: str = "train"
+    text_column: str = "text"
+    block_size: int = 128
+    eval_blocks: int = 256
+    max_blocks: int | None = None
+
+
+@dataclass
+class OptimSection:
+    lr: float = 1e-3
+    model_lr_factor: float = 1.0
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    batch_size: int = 32  # sequences per worker per micro-batch
+    grad_accum: int = 1
+
+
+@dataclass
+class DeepSpeedSection:
+    enabled: bool = True
+    zero_stage: int = 0
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    bf16: bool | None = None  # None: bf16 on GPU, fp32 on CPU
+
+
+@dataclass
+class MLflowSection:
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI or sqlite in storage_path
+    experiment: str = "codebook"
+    log_model: bool = True
+
+
+@dataclass
+class TrainConfig:
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    codebook: dict[str, Any] = field(default_factory=dict)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    mlflow: MLflowSection = field(default_factory=MLflowSection)
+
+    # ------------------------------------------------------------------ derived views
+    @property
+    def codebook_config(self) -> CodebookConfig:
+        return CodebookConfig.from_dict(self.codebook)
+
+    @property
+    def fsm_config(self) -> FSMConfig:
+        return FSMConfig(**self.data.fsm)
+
+    @property
+    def storage_path(self) -> Path:
+        return Path(os.path.expanduser(self.run.storage_path)).resolve()
+
+    @property
+    def run_dir(self) -> Path:
+        return self.storage_path / self.run.name
+
+    def tracking_uri(self) -> str:
+        uri = self.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        return uri or f"sqlite:///{self.storage_path / 'mlflow.db'}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat_params(self) -> dict[str, str]:
+        """The resolved config as flat ``section.key`` strings (MLflow params)."""
+        return {k: str(v) for k, v in _flatten(self.to_dict()).items()}
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> TrainConfig:
+        """Cross-field checks that need no model or cluster; returns self."""
+        try:
+            self.codebook_config  # noqa: B018 - validates the codebook section
+        except ConfigError as err:
+            raise err
+        except TypeError as err:
+            raise ConfigError("codebook", str(err), "check the codebook section") from err
+        r, o, d = self.run, self.optim, self.data
+        for name in ("max_steps", "log_every", "eval_every", "checkpoint_every", "num_workers"):
+            if getattr(r, name) <= 0:
+                raise ConfigError(f"run.{name}", f"got {getattr(r, name)}", "use a value >= 1")
+        for name in ("batch_size", "grad_accum"):
+            if getattr(o, name) <= 0:
+                raise ConfigError(f"optim.{name}", f"got {getattr(o, name)}", "use a value >= 1")
+        if o.lr <= 0:
+            raise ConfigError("optim.lr", f"got {o.lr}", "use a positive learning rate")
+        if self.deepspeed.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError("deepspeed.zero_stage", f"got {self.deepspeed.zero_stage}",
+                              "use 0, 1, 2 or 3")
+        if self.deepspeed.offload_params and self.deepspeed.zero_stage != 3:
+            raise ConfigError("deepspeed.offload_params", "parameter offload needs ZeRO-3",
+                              "set deepspeed.zero_stage=3 or offload_params=false")
+        if (self.model.name_or_path is None) == (self.model.from_config is None):
+            raise ConfigError("model", "give exactly one of name_or_path and from_config",
+                              "set model.name_or_path (hub name / folder) or model.from_config")
+        if d.source == "fsm":
+            self.fsm_config  # noqa: B018 - validates the fsm section
+        elif d.source in ("text", "parquet"):
+            if not d.paths:
+                raise ConfigError("data.paths", f"source {d.source!r} needs files",
+                                  "list files or folders in data.paths")
+            for p in d.paths:
+                if not Path(os.path.expanduser(p)).exists():
+                    raise ConfigError("data.paths", f"{p} does not exist",
+                                      "check the path (relative paths are from the cwd)")
+            if self.model.tokenizer is None and self.model.name_or_path is None:
+                raise ConfigError("model.tokenizer", "text data needs a tokenizer",
+                                  "set model.tokenizer to a tokenizer folder or hub name")
+        elif d.source == "hf" and not d.hf_dataset:
+            raise ConfigError("data.hf_dataset", "source 'hf' needs a dataset name",
+                              "set data.hf_dataset")
+        if d.block_size < 2:
+            raise ConfigError("data.block_size", f"got {d.block_size}", "use at least 2 tokens")
+        return self
+
+
+# ---------------------------------------------------------------------- loading
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                **flags: Any) -> TrainConfig:
+    """Read YAML (optional), apply ``key=value`` overrides, build and validate a TrainConfig."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError("--config", f"{path} not found", "pass a YAML file from configs/")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(str(path), "top level is not a mapping", "write `section: {...}`")
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError("--set", f"{item!r} has no '='", "write --set section.key=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(data, key.strip(), yaml.safe_load(raw))
+    for key, value in flags.items():
+        if value is not None:
+            _set_dotted(data, key, value)
+    return build(TrainConfig, data, "").validate()
+
+
+def build(cls: type, data: Any, where: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, checking keys and types recursively."""
+    if not isinstance(data, dict):
+        raise ConfigError(where or "config", f"expected a mapping, got {data!r}",
+                          "write key: value pairs")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise ConfigError(_join(where, unknown[0]), "unknown key", f"valid keys: {sorted(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        path = _join(where, name)
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = build(hint, value, path)
+        else:
+            kwargs[name] = _check_type(value, hint, path)
+    return cls(**kwargs)
+
+
+def _check_type(value: Any, hint: Any, path: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _check_type(value, arg, path)
+            except ConfigError as err:
+                errors.append(err)
+        raise errors[0]
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(path, f"got {value!r}", f"use one of {list(args)}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(path, f"expected a list, got {value!r}", "write [a, b, ...]")
+        return [_check_type(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(path, f"expected a mapping, got {value!r}", "write {key: value}")
+        return value
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float) and isinstance(value, bool):
+        raise ConfigError(path, f"expected {hint.__name__}, got {value!r}", "write a number")
+    if not isinstance(value, hint):
+        raise ConfigError(path, f"expected {hint.__name__}, got {type(value).__name__} {value!r}",
+                          f"write a {hint.__name__}")
+    return value
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(key, f"{part} is not a section", "check the dotted key")
+    node[parts[-1]] = value
+
+
+def _join(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and k != "from_config":
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

@@ -1,0 +1,284 @@
+"""The one training loop: FSM experiment, ``pipelines/train.py`` and every sweep trial run this.
+
+It needs no Ray. The caller hands it where batches come from, where metrics and checkpoints go
+(a ``Reporter``), and the process-group facts; the Ray pipeline supplies Ray Train versions of
+those, tests and local tools may supply plain ones.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+
+from codebook.model import CodebookModel
+from codebook.training.config import TrainConfig
+from codebook.training.engine import make_engine
+
+STATE_FILE = "trainer_state.json"
+HF_DIR = "hf"
+
+Batch = dict[str, torch.Tensor]
+
+
+class Reporter(Protocol):
+    """Where the loop sends what it produces."""
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        """Metrics from rank 0 (e.g. to MLflow)."""
+
+    def checkpoint(self, step: int, metrics: dict[str, float], directory: Path) -> None:
+        """Called on every rank with the same step; ``directory`` holds this rank's files."""
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    micro_batches: int = 0  # data position: micro-batches consumed so far (all ranks alike)
+    tokens: int = 0
+    mlflow_run_id: str | None = None
+
+
+@dataclass
+class Workers:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+
+@dataclass
+class LoopData:
+    """Data for the loop: ``train(start)`` yields micro-batches from micro-batch ``start`` on."""
+
+    train: Callable[[int], Iterator[Batch]]
+    eval: Callable[[], Iterable[Batch]]
+
+
+def build_model(cfg: TrainConfig) -> CodebookModel:
+    """The base model (``from_pretrained`` or fresh from a config) with codebooks attached."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(cfg.run.seed)
+    m = cfg.model
+    if m.from_config is not None:
+        spec = dict(m.from_config)
+        model_type = spec.pop("model_type", None)
+        if model_type is None:
+            from codebook.errors import ConfigError
+
+            raise ConfigError("model.from_config.model_type", "missing",
+                              "set model_type (gpt_neox, gpt2, gpt_neo, llama)")
+        hf_config = AutoConfig.for_model(model_type, **spec)
+        model = CodebookModel(AutoModelForCausalLM.from_config(hf_config), cfg.codebook_config)
+    else:
+        kwargs: dict[str, Any] = {"dtype": torch.float32}
+        if m.gguf_file:
+            kwargs["gguf_file"] = m.gguf_file
+        model = CodebookModel.from_pretrained(m.name_or_path, cfg.codebook_config, **kwargs)
+    if m.gradient_checkpointing:
+        model.model.gradient_checkpointing_enable()
+    return model
+
+
+def train(cfg: TrainConfig, data: LoopData, reporter: Reporter, workers: Workers,
+          resume_dir: Path | None = None, mlflow_run_id: str | None = None) -> dict[str, Any]:
+    """Train to ``cfg.run.max_steps``; resume from ``resume_dir`` if given. Returns a summary."""
+    model = build_model(cfg)
+    if cfg.codebook_config.kmeans_init_batches and resume_dir is None:
+        kmeans_init(model, data.train(0), cfg, workers)
+    engine = make_engine(model, cfg, workers.device)
+    state = TrainState(mlflow_run_id=mlflow_run_id)
+    if resume_dir is not None:
+        engine.load(resume_dir)
+        state = TrainState(**json.loads((resume_dir / STATE_FILE).read_text()))
+    model = engine.module
+    model.train()
+    model.set_step(state.step)
+    accum = cfg.optim.grad_accum
+    batches = data.train(state.micro_batches)
+    loss_sum = torch.zeros(3, device=workers.device)  # total, lm, recon over the log window
+    window_steps, window_tokens, t0 = 0, 0, time.perf_counter()
+    start_step, start_time = state.step, time.perf_counter()
+    last: dict[str, float] = {}
+    while state.step < cfg.run.max_steps:
+        for _ in range(accum):
+            batch = _to_device(next(batches), workers.device)
+            out = engine(input_ids=batch["input_ids"], labels=batch["input_ids"])
+            engine.backward(out.loss)
+            engine.step()
+            loss_sum += torch.stack([out.loss, out.lm_loss, out.recon_loss]).detach().float()
+            n_tokens = batch["input_ids"].numel() * workers.world_size
+            window_tokens += n_tokens
+            state.tokens += n_tokens
+            state.micro_batches += 1
+        state.step += 1
+        window_steps += 1
+        model.set_step(state.step)
+        cb = cfg.codebook_config
+        if cb.dead_code_steps and state.step % cb.dead_code_steps == 0:
+            replace_dead_codes(model, engine, cfg, workers)
+        is_last = state.step == cfg.run.max_steps
+        if state.step % cfg.run.log_every == 0 or is_last or state.step == 1:
+            losses = _mean_across(loss_sum / (window_steps * accum))
+            elapsed = time.perf_counter() - t0
+            metrics = {"train/loss": losses[0], "train/lm_loss": losses[1],
+                       "train/recon_loss": losses[2], "tokens_per_s": window_tokens / elapsed,
+                       "lr": engine.optimizer.param_groups[0]["lr"],
+                       "k": float(model.codebook_config.k_at(state.step))}
+            metrics.update({f"train/{k}": v for k, v in model.metrics(reset=True).items()})
+            done = state.step - start_step
+            rate = (time.perf_counter() - start_time) / max(done, 1)
+            if workers.rank == 0:
+                reporter.log(state.step, metrics)
+                print(f"step {state.step}/{cfg.run.max_steps} loss {losses[0]:.4f} "
+                      f"lm {losses[1]:.4f} recon {losses[2]:.4f} "
+                      f"{metrics['tokens_per_s']:.0f} tok/s "
+                      f"ETA {rate * (cfg.run.max_steps - state.step):.0f}s", flush=True)
+            last.update(metrics)
+            loss_sum.zero_()
+            window_steps, window_tokens, t0 = 0, 0, time.perf_counter()
+        if state.step % cfg.run.eval_every == 0 or is_last:
+            ev = evaluate(model, data.eval(), workers)
+            if workers.rank == 0:
+                reporter.log(state.step, ev)
+            last.update(ev)
+            model.train()
+        if state.step % cfg.run.checkpoint_every == 0 or is_last:
+            save_checkpoint(model, engine, state, workers, reporter, last)
+    return {"steps": state.step, "tokens": state.tokens,
+            "final_train_loss": last.get("train/loss"), "final_eval_loss": last.get("eval/loss"),
+            "metrics": last}
+
+
+@torch.no_grad()
+def evaluate(model: CodebookModel, batches: Iterable[Batch], workers: Workers) -> dict[str, float]:
+    """Eval loss, next-token accuracy, per-site reconstruction MSE and dead-code fraction."""
+    model.eval()
+    model.metrics(reset=True)
+    totals = torch.zeros(3, dtype=torch.float64, device=workers.device)  # nll, correct, count
+    with _recording_stats(model):
+        for batch in batches:
+            ids = _to_device(batch, workers.device)["input_ids"]
+            out = model(input_ids=ids)
+            logits = out.logits[:, :-1].float()
+            target = ids[:, 1:]
+            nll = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum")
+            correct = (logits.argmax(-1) == target).sum()
+            totals += torch.stack([nll.double(), correct.double(),
+                                   torch.tensor(target.numel(), dtype=torch.float64,
+                                                device=totals.device)])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(totals)
+    nll, correct, count = totals.tolist()
+    result = {"eval/loss": nll / max(count, 1), "eval/accuracy": correct / max(count, 1)}
+    result.update({f"eval/{k}": v for k, v in model.metrics(reset=True).items()})
+    return result
+
+
+class _recording_stats:
+    """Let codebook layers update their statistics in eval mode (they do in train mode)."""
+
+    def __init__(self, model: CodebookModel):
+        self.layers = list(model.codebooks.values())
+
+    def __enter__(self):
+        for layer in self.layers:
+            layer.track_stats = True
+
+    def __exit__(self, *exc):
+        for layer in self.layers:
+            layer.track_stats = False
+
+
+# ---------------------------------------------------------------------- checkpoints
+def save_checkpoint(model: CodebookModel, engine, state: TrainState, workers: Workers,
+                    reporter: Reporter, metrics: dict[str, float]) -> None:
+    """Every rank writes its files to a fresh local folder, then hands it to the reporter.
+
+    Rank 0 adds the model in HF format (``hf/``: safetensors + configs) and the trainer state
+    (step, data position, MLflow run id). Files are written to temporary names first.
+    """
+    directory = Path(tempfile.mkdtemp(prefix=f"ckpt-{state.step:08d}-"))
+    try:
+        engine.save(directory, workers.rank)
+        params = list(model.parameters())
+        with engine.full_params(params):
+            if workers.rank == 0:
+                model.save_pretrained(directory / HF_DIR)
+        if workers.rank == 0:
+            tmp = directory / (STATE_FILE + ".tmp")
+            tmp.write_text(json.dumps(asdict(state), indent=2))
+            os.replace(tmp, directory / STATE_FILE)
+        reporter.checkpoint(state.step, metrics, directory)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------- codebook maintenance
+@torch.no_grad()
+def kmeans_init(model: CodebookModel, batches: Iterator[Batch], cfg: TrainConfig,
+                workers: Workers) -> None:
+    """Initialise every codebook by k-means on real activations (rank 0's, broadcast)."""
+    from codebook.interventions import recording
+
+    model.to(workers.device).eval()
+    with model.codebooks_disabled(), recording(model, activations=True) as rec:
+        for _ in range(cfg.codebook_config.kmeans_init_batches):
+            model(input_ids=_to_device(next(batches), workers.device)["input_ids"])
+    gen = torch.Generator(device=workers.device).manual_seed(cfg.run.seed)
+    for name, layer in model.codebooks.items():
+        if workers.rank == 0:
+            layer.kmeans_init_(rec.activations[name].reshape(-1, layer.dim),
+                               cfg.codebook_config.kmeans_iters, gen)
+        if workers.world_size > 1:
+            dist.broadcast(layer.codes.data, 0)
+    model.train()
+
+
+@torch.no_grad()
+def replace_dead_codes(model: CodebookModel, engine, cfg: TrainConfig, workers: Workers) -> int:
+    """Re-seed dead codes identically on every rank; returns how many were replaced."""
+    cb = cfg.codebook_config
+    total = torch.zeros((), dtype=torch.long, device=workers.device)
+    for layer in model.codebooks.values():
+        distributed = workers.world_size > 1
+        if distributed:  # a code is dead only if it is dead on every rank
+            dist.all_reduce(layer.steps_unused, op=dist.ReduceOp.MIN)
+        with engine.full_params([layer.codes]):
+            codes = layer.codes.detach().clone()
+            if workers.rank == 0:
+                original = layer.codes.detach().clone()
+                dead = layer.replace_dead_codes(cb.dead_code_steps, cb.dead_code_noise)
+                codes = layer.codes.detach().clone()
+                layer.codes.data.copy_(original)
+                total += dead.sum()
+            if distributed:
+                dist.broadcast(codes, 0)
+                dist.broadcast(layer.steps_unused, 0)
+        engine.set_param(layer.codes, codes)
+    return int(total.item()) if workers.rank == 0 else 0
+
+
+# ---------------------------------------------------------------------- helpers
+def _to_device(batch: Batch, device: torch.device) -> Batch:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else torch.as_tensor(
+        v, device=device)) for k, v in batch.items()}
+
+
+def _mean_across(values: torch.Tensor) -> list[float]:
+    if dist.is_available() and dist.is_initialized():
+        values = values.clone()
+        dist.all_reduce(values)
+        values /= dist.get_world_size()
+    return [v if math.isfinite(v) else float("nan") for v in values.tolist()]

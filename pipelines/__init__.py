@@ -1,0 +1,1 @@
+"""Thin Ray entry points over the ``codebook`` library."""

@@ -1,0 +1,265 @@
+"""Ray glue for the one training loop: Ray Train workers, Ray Data corpora, MLflow run, resume.
+
+``pipelines/train.py``, ``pipelines/fsm.py`` and the sweep trials all call ``fit``; the loop
+itself lives in ``codebook.training.loop`` and knows nothing of Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from codebook.errors import ConfigError
+from codebook.tracking import MLflowLogger, finish_run, start_run
+from codebook.training.config import TrainConfig, build
+from codebook.training.loop import HF_DIR, STATE_FILE, LoopData, Workers, train
+
+MLFLOW_ID_FILE = "mlflow_run_id"
+
+
+# ---------------------------------------------------------------------- worker side
+class RayReporter:
+    """Metrics to MLflow from rank 0; checkpoints to Ray Train from every rank."""
+
+    def __init__(self, logger: MLflowLogger | None, rank: int, report_metrics: bool):
+        self.logger, self.rank, self.report_metrics = logger, rank, report_metrics
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if self.logger is not None:
+            self.logger.log(step, metrics)
+
+    def checkpoint(self, step: int, metrics: dict[str, float], directory: Path) -> None:
+        import ray.train
+
+        keep = ("train/loss", "train/lm_loss", "train/recon_loss", "eval/loss", "eval/accuracy",
+                "train/codebook/dead_code_fraction", "tokens_per_s")
+        payload = {k.replace("/", "_"): metrics[k] for k in keep if k in metrics}
+        payload["step"] = step
+        ray.train.report(payload, checkpoint=ray.train.Checkpoint.from_directory(str(directory)))
+
+
+def worker_loop(config: dict[str, Any]) -> None:
+    """``train_loop_per_worker`` for ``TorchTrainer``: set up data and reporter, run the loop."""
+    import ray.train
+    import ray.train.torch
+
+    cfg: TrainConfig = build(TrainConfig, config["config"], "")
+    ctx = ray.train.get_context()
+    workers = Workers(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device())
+    logger = None
+    if workers.rank == 0 and config.get("mlflow_run_id"):
+        logger = MLflowLogger(config["tracking_uri"], config["mlflow_run_id"])
+    reporter = RayReporter(logger, workers.rank, report_metrics=True)
+    data = _loop_data(cfg, workers)
+    # After a worker failure Ray Train hands back the latest reported checkpoint; on a --resume
+    # of an interrupted job (same run.name and storage) Ray Train V2 restores it too. Otherwise
+    # fall back to the checkpoint the driver found.
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and config.get("resume_from"):
+        checkpoint = ray.train.Checkpoint(config["resume_from"])
+    with checkpoint.as_directory() if checkpoint else nullcontext(None) as resume_dir:
+        if resume_dir and workers.rank == 0:
+            print(f"resuming from {checkpoint.path}", flush=True)
+        train(cfg, data, reporter, workers, Path(resume_dir) if resume_dir else None,
+              config.get("mlflow_run_id"))
+
+
+def _loop_data(cfg: TrainConfig, workers: Workers) -> LoopData:
+    bs = cfg.optim.batch_size
+    if cfg.data.source == "fsm":
+        from codebook.data.fsm import TokFSM
+        from codebook.data.sources import fsm_eval_batches, fsm_train_batches
+
+        fsm = TokFSM(cfg.fsm_config)
+        n_eval = cfg.data.eval_blocks
+        return LoopData(
+            train=lambda start: fsm_train_batches(fsm, bs, cfg.run.seed, start, workers.rank,
+                                                  workers.world_size, n_eval),
+            eval=lambda: fsm_eval_batches(fsm, n_eval, bs, workers.rank, workers.world_size),
+        )
+    import ray.train
+
+    train_shard = ray.train.get_dataset_shard("train")
+    eval_shard = ray.train.get_dataset_shard("eval")
+
+    def train_batches(start: int):
+        seen = 0
+        while True:  # epochs; every rank sees the same number of batches (equal split)
+            for b in train_shard.iter_torch_batches(batch_size=bs, dtypes=torch.long,
+                                                    drop_last=True):
+                seen += 1
+                if seen > start:  # skip what a resumed run already consumed
+                    yield {"input_ids": b["input_ids"]}
+
+    def eval_batches():
+        for b in eval_shard.iter_torch_batches(batch_size=bs, dtypes=torch.long):
+            yield {"input_ids": b["input_ids"]}
+
+    return LoopData(train=train_batches, eval=eval_batches)
+
+
+# ---------------------------------------------------------------------- driver side
+def text_datasets(cfg: TrainConfig) -> dict[str, Any]:
+    """Ray Data: read, tokenise and pack the corpus into blocks; split off held-out blocks."""
+    import ray.data
+
+    from codebook.data.text import expand_paths
+
+    d = cfg.data
+    tokenizer = cfg.model.tokenizer or cfg.model.name_or_path
+    if d.source == "parquet":
+        ds = ray.data.read_parquet(expand_paths(d.paths, (".parquet",)), columns=[d.text_column])
+    elif d.source == "text":
+        files = expand_paths(d.paths, (".txt", ".md", ".text"))
+        ds = ray.data.read_text(files).map_batches(_lines_to_documents, batch_format="pandas")
+    else:
+        import datasets as hf_datasets
+
+        ds = ray.data.from_huggingface(hf_datasets.load_dataset(d.hf_dataset, split=d.hf_split))
+    ds = ds.map_batches(
+        _Packer, fn_constructor_kwargs={"tokenizer": tokenizer, "block_size": d.block_size,
+                                        "column": d.text_column if d.source != "text" else "text"},
+        batch_format="pandas", batch_size=256,
+        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5,
+    )
+    if d.max_blocks:
+        ds = ds.limit(d.max_blocks + d.eval_blocks)
+    eval_ds, train_ds = ds.split_at_indices([d.eval_blocks])
+    if train_ds.count() == 0:
+        raise ConfigError("data.paths", "the corpus gives no training blocks after the "
+                          f"{d.eval_blocks} held-out ones", "add text or lower data.eval_blocks")
+    return {"train": train_ds, "eval": eval_ds}
+
+
+def _lines_to_documents(batch):
+    """Ray's read_text yields lines: keep the newlines so packed text reads as the file did."""
+    batch["text"] = batch["text"].astype(str) + "\n"
+    return batch
+
+
+class _Packer:
+    def __init__(self, tokenizer: str, block_size: int, column: str):
+        from codebook.data.text import load_tokenizer
+
+        self.tokenizer, self.block_size, self.column = load_tokenizer(tokenizer), block_size, column
+
+    def __call__(self, batch):
+        import pandas as pd
+
+        from codebook.data.text import pack_batch
+
+        blocks = pack_batch(batch[self.column].astype(str).tolist(), self.tokenizer,
+                            self.block_size)
+        return pd.DataFrame({"input_ids": list(blocks)})
+
+
+def check_placeable(cfg: TrainConfig) -> bool:
+    """Fail before any worker starts if the cluster can never place the workers."""
+    import ray
+
+    total = ray.cluster_resources()
+    use_gpu = cfg.run.use_gpu if cfg.run.use_gpu is not None else total.get("GPU", 0) >= 1
+    n = cfg.run.num_workers
+    if use_gpu and n > total.get("GPU", 0):
+        raise ConfigError("run.num_workers", f"{n} GPU workers but the cluster has "
+                          f"{total.get('GPU', 0):g} GPUs", "lower --num-workers or add GPU nodes")
+    need = n * cfg.run.cpus_per_worker
+    if need > total.get("CPU", 0):
+        raise ConfigError("run.num_workers", f"{n} workers x {cfg.run.cpus_per_worker:g} CPUs "
+                          f"= {need:g} CPUs but the cluster has {total.get('CPU', 0):g}",
+                          "lower --num-workers or run.cpus_per_worker, or add nodes")
+    return bool(use_gpu)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint (one with a trainer state) under a run folder."""
+    best, best_step = None, -1
+    for state in run_dir.glob(f"*/{STATE_FILE}"):
+        step = json.loads(state.read_text()).get("step", -1)
+        if step > best_step and (state.parent / HF_DIR).is_dir():
+            best, best_step = state.parent, step
+    return best
+
+
+def fit(cfg: TrainConfig, resume: bool = False, callbacks: list | None = None,
+        mlflow_parent_run_id: str | None = None) -> dict[str, Any]:
+    """Run the training job on the current Ray cluster; returns the JSON summary."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    run_dir = cfg.run_dir
+    previous = latest_checkpoint(run_dir) if run_dir.exists() else None
+    if resume and previous is None:
+        raise ConfigError("--resume", f"no checkpoint under {run_dir}",
+                          "run without --resume, or give the run.name of an earlier run")
+    if not resume and previous is not None:
+        raise ConfigError("run.name", f"{run_dir} already holds checkpoints of a run",
+                          "pass --resume to continue it, or choose another run.name")
+    use_gpu = check_placeable(cfg)
+    datasets = text_datasets(cfg) if cfg.data.source != "fsm" else None
+    tracking_uri = cfg.tracking_uri()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    id_file = run_dir / MLFLOW_ID_FILE
+    old_id = id_file.read_text().strip() if resume and id_file.is_file() else None
+    tags = {"ray_job_id": os.environ.get("RAY_JOB_ID") or ray.get_runtime_context().get_job_id(),
+            "run_name": cfg.run.name, "storage": str(run_dir)}
+    if mlflow_parent_run_id:
+        tags["mlflow.parentRunId"] = mlflow_parent_run_id
+    run_id = start_run(tracking_uri, cfg.mlflow.experiment, cfg.run.name, cfg.flat_params(),
+                       tags, run_id=old_id)
+    id_file.write_text(run_id)
+    trainer = TorchTrainer(
+        worker_loop,
+        train_loop_config={"config": cfg.to_dict(), "mlflow_run_id": run_id,
+                           "tracking_uri": tracking_uri,
+                           "resume_from": str(previous) if previous else None},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.run.num_workers, use_gpu=use_gpu,
+            resources_per_worker={"CPU": cfg.run.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name, storage_path=str(cfg.storage_path),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks),
+        datasets=datasets,
+    )
+    started = time.perf_counter()
+    try:
+        result = trainer.fit()
+    except Exception:
+        finish_run(tracking_uri, run_id, status="FAILED")
+        raise
+    ckpt = Path(result.checkpoint.path)
+    state = json.loads((ckpt / STATE_FILE).read_text())
+    metrics = result.metrics or {}
+    finish_run(tracking_uri, run_id,
+               artifacts={"model": ckpt / HF_DIR} if cfg.mlflow.log_model else None)
+    return {
+        "mlflow_run_id": run_id,
+        "steps": state["step"],
+        "final_train_loss": metrics.get("train_loss"),
+        "final_eval_loss": metrics.get("eval_loss"),
+        "checkpoint": str(ckpt),
+        "model": str(ckpt / HF_DIR),
+        "wall_s": round(time.perf_counter() - started, 1),
+    }
+
+
+def init_ray() -> None:
+    """Join the cluster in RAY_ADDRESS (as under ``ray job submit``) or start a local one."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"])
+    else:  # a local cluster for this process; its dashboard stays on loopback
+        ray.init(dashboard_host="127.0.0.1")

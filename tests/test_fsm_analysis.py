@@ -1,0 +1,301 @@
+"""The FSM experiment analysis (codebook.analysis.fsm) and its plots, on tiny untrained models."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from codebook import CodebookConfig, CodebookModel, disable_codes, force_codes, read_codes
+from codebook.analysis import fsm as A
+from codebook.analysis.classifiers import neuron_precision_at_recall
+from codebook.analysis.plots import plot_code_vs_neuron_precision, plot_intervention_by_site
+from codebook.data.fsm import FSMConfig, TokFSM
+
+
+def make_model(fsm: TokFSM, seed: int = 0, code_std: float = 0.05) -> CodebookModel:
+    torch.manual_seed(seed)
+    cfg = AutoConfig.for_model(
+        "gpt_neox", vocab_size=fsm.vocab_size, hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
+    )
+    model = CodebookModel(AutoModelForCausalLM.from_config(cfg),
+                          CodebookConfig(sites=["attn_heads", "mlp"], num_codes=32, k=1))
+    for cb in model.codebooks.values():  # codes at the scale of the tiny model's activations
+        cb.codes.data.normal_(0, code_std)
+    return model.eval()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is ~10x faster on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def fsm() -> TokFSM:
+    return TokFSM(FSMConfig(num_states=12, num_edges=3, trajectory_states=8))  # 17 tokens
+
+
+@pytest.fixture(scope="module")
+def model(fsm: TokFSM) -> CodebookModel:
+    return make_model(fsm)
+
+
+@pytest.fixture(scope="module")
+def tokens(fsm: TokFSM) -> np.ndarray:
+    return fsm.eval_set(48)
+
+
+def brute_force_scores(model, fsm, row: np.ndarray, pos: int) -> np.ndarray:
+    """log P(next state) by running every candidate spelling in full."""
+    d = fsm.digits_per_state
+    digits = fsm.encode_states(np.arange(fsm.num_states)[:, None])
+    ctx = np.repeat(row[None, : pos + 1], fsm.num_states, axis=0)
+    x = torch.as_tensor(np.concatenate([ctx, digits], axis=1))
+    with torch.no_grad():
+        lp = model(input_ids=x).logits.double().log_softmax(-1)
+    at = torch.arange(pos, pos + d)
+    return lp[torch.arange(fsm.num_states)[:, None], at, torch.as_tensor(digits)].sum(1).numpy()
+
+
+# ---------------------------------------------------------------------- next-state scores
+@pytest.mark.parametrize("config", [
+    FSMConfig(num_states=12, num_edges=3, trajectory_states=8),  # D=2, two prefixes
+    FSMConfig(num_states=8, num_edges=2, base=2, trajectory_states=4),  # D=3
+    FSMConfig(num_states=7, num_edges=2, base=10, trajectory_states=6),  # D=1
+])
+def test_next_state_scores_match_brute_force(config: FSMConfig) -> None:
+    fsm = TokFSM(config)
+    model = make_model(fsm, seed=1)
+    tok = fsm.eval_set(5)
+    d = fsm.digits_per_state
+    positions = np.array([d, 2 * d, 0, d * config.trajectory_states, 3 * d])
+    scores = A.next_state_scores(model, fsm, tok, positions, batch_size=7)
+    assert scores.shape == (5, fsm.num_states)
+    for i in range(5):
+        ref = brute_force_scores(model, fsm, tok[i], int(positions[i]))
+        np.testing.assert_allclose(scores[i], ref, atol=1e-5)
+    assert (A._logsumexp(scores) <= 1e-9).all()
+    renorm = A.next_state_scores(model, fsm, tok, positions, renormalise=True)
+    np.testing.assert_allclose(np.exp(renorm).sum(1), 1.0, atol=1e-9)
+    np.testing.assert_array_equal(np.argsort(renorm, 1), np.argsort(scores, 1))
+
+
+def test_scores_are_proper_log_probs_when_every_spelling_is_a_state() -> None:
+    fsm = TokFSM(FSMConfig(num_states=16, num_edges=3, base=4, trajectory_states=5))
+    model = make_model(fsm)
+    tok = fsm.eval_set(6)
+
+    def no_bos(module, args, output):  # the model never predicts BOS
+        output[..., fsm.bos_token_id] = -math.inf
+        return output
+
+    hook = model.model.get_output_embeddings().register_forward_hook(no_bos)
+    try:
+        scores = A.next_state_scores(model, fsm, tok, 2 * np.arange(6) % 10)
+    finally:
+        hook.remove()
+    np.testing.assert_allclose(A._logsumexp(scores)[:, 0], 0.0, atol=1e-9)
+
+
+def test_bad_positions_rejected(model, fsm, tokens) -> None:
+    with pytest.raises(ValueError, match="state positions"):
+        A.next_state_scores(model, fsm, tokens[:2], 3)
+
+
+def test_transition_accuracies_in_range(model, fsm, tokens) -> None:
+    first = A.first_transition_accuracy(model, fsm, tokens)
+    every = A.transition_accuracy_all_positions(model, fsm, tokens, max_samples=20)
+    assert 0.0 <= first <= 1.0 and 0.0 <= every <= 1.0
+    assert first * fsm.num_edges * len(tokens) == pytest.approx(
+        round(first * fsm.num_edges * len(tokens)))
+
+
+def test_first_transition_accuracy_is_one_for_a_perfect_predictor(fsm, tokens) -> None:
+    model = make_model(fsm)
+    scores = A.next_state_scores(model, fsm, tokens, 2)
+    first = fsm.decode_tokens(tokens)[:, 0]
+    perfect = np.where(fsm.adjacency[first], 0.0, -10.0)
+    assert fsm.first_transition_accuracy(perfect, first) == 1.0
+    assert fsm.first_transition_accuracy(scores, first) == A.first_transition_accuracy(
+        model, fsm, tokens)
+
+
+# ---------------------------------------------------------------------- codes as classifiers
+def test_planted_codes_are_found_and_dedicated() -> None:
+    rng = np.random.default_rng(0)
+    num_states, m = 6, 600
+    labels = rng.integers(num_states, size=m)
+    labels[:10] = -1  # non-state positions are ignored
+    planted = np.where(labels >= 0, labels, 31)[:, None, None]  # mlp_0: code == state
+    noise = rng.integers(32, size=(m, 4, 1))  # attn_heads_0: four random codebooks
+    # mlp_1 code 7 fires on all of state 0 and a quarter of state 1: precise but not dedicated.
+    leaky = np.full((m, 1, 1), 30)
+    leaky[labels == 0] = 7
+    ones = np.flatnonzero(labels == 1)
+    leaky[ones[: len(ones) // 4]] = 7
+    codes = {"attn_heads_0": noise, "mlp_0": planted, "mlp_1": leaky}
+    res = A.classify_state_codes(codes, labels, num_states, 32)
+    assert len(res["codebooks"]) == 6
+    assert res["best_site"] == ["mlp_0"] * num_states
+    np.testing.assert_array_equal(res["best_code"], np.arange(num_states))
+    np.testing.assert_allclose(res["precision"], 1.0)
+    np.testing.assert_allclose(res["recall"], 1.0)
+    assert res["states_with_dedicated_code"] == num_states
+    assert res["dedicated_by_site"]["mlp_0"] == list(range(num_states))
+    assert res["dedicated_by_site"]["attn_heads_0"] == []
+    cb = res["codebooks"].index(("mlp_1", 0))
+    assert res["per_codebook"]["code"][cb, 0] == 7
+    assert 0.7 < res["per_codebook"]["precision"][cb, 0] < 0.95
+    assert 0 not in res["dedicated_by_site"]["mlp_1"]
+
+    # Without the planted codebook: the recall floor bars a tiny but pure code.
+    tiny = np.full((m, 1, 1), 30)
+    tiny[np.flatnonzero(labels == 2)[:3]] = 5  # 100% precise, recall ~3%
+    res2 = A.classify_state_codes({"a": tiny, "b": leaky}, labels, num_states, 32)
+    assert res2["best_code"][2] != 5 or res2["best_site"][2] != "a"
+    res3 = A.classify_state_codes({"a": tiny}, labels, num_states, 32, min_recall=0.0)
+    assert res3["best_code"][2] == 5 and res3["precision"][2] == 1.0
+
+
+def test_code_state_classification_on_a_model(model, fsm, tokens) -> None:
+    res = A.code_state_classification(model, fsm, tokens)
+    assert len(res["codebooks"]) == 2 * (4 + 1)
+    p = res["precision"][np.isfinite(res["precision"])]
+    assert p.size and ((p >= 0) & (p <= 1)).all()
+    counts = np.bincount(fsm.decode_tokens(tokens).ravel(), minlength=fsm.num_states)
+    np.testing.assert_array_equal(res["state_counts"], counts)
+
+
+def test_forced_codes_make_a_dedicated_code(fsm, tokens) -> None:
+    """Code 5, barred from natural selection and forced on at every position of state 3 (via
+    the intervention API), is found as state 3's dedicated code."""
+    model = make_model(fsm)
+    labels = fsm.state_labels(tokens)
+    parts = []
+    with disable_codes(model, "mlp_1", [5]):
+        for r in range(len(tokens)):
+            at = np.flatnonzero(labels[r] == 3).tolist()
+            with force_codes(model, "mlp_1", [5], positions=at, mode="replace"):
+                parts.append(A.collect_state_data(model, fsm, tokens[r : r + 1],
+                                                  activations=False, residual=False))
+    codes = {"mlp_1": np.concatenate([d.codes["mlp_1"] for d in parts])}
+    lab = np.concatenate([d.labels for d in parts])
+    assert codes["mlp_1"].shape == (lab.size, 1, 2)  # forced slot padded with -1 elsewhere
+    res = A.classify_state_codes(codes, lab, fsm.num_states, 32)
+    assert (res["best_site"][3], res["best_code"][3]) == ("mlp_1", 5)
+    assert res["precision"][3] == 1.0 and res["recall"][3] == 1.0
+    assert 3 in res["dedicated_by_site"]["mlp_1"]
+
+
+# ---------------------------------------------------------------------- neurons
+@pytest.mark.parametrize("integer", [False, True])
+def test_best_neurons_match_the_reference(integer: bool) -> None:
+    rng = np.random.default_rng(3)
+    acts = rng.normal(size=(300, 9)).astype(np.float32)
+    if integer:  # many ties
+        acts = np.round(acts * 2)
+    labels = rng.integers(-1, 4, size=300)
+    acts[labels == 2, 4] += 3.0  # a good neuron for state 2
+    acts[labels == 1, 6] -= 3.0  # a good negative neuron for state 1
+    target = np.array([0.3, 0.7, 0.5, np.nan, 0.9])  # state 3 skipped, state 4 absent
+    res = A.best_neurons_at_recall(acts, labels, target, chunk_elements=300 * 2)
+    for s in range(3):
+        p, j, sign, thr = neuron_precision_at_recall(acts, labels == s, target[s])
+        assert res["precision"][s] == pytest.approx(p)
+        assert (res["neuron"][s], res["sign"][s]) == (j, sign)
+        assert res["threshold"][s] == pytest.approx(thr)
+    assert (res["neuron"][2], res["sign"][2]) == (4, 1)
+    assert (res["neuron"][1], res["sign"][1]) == (6, -1)
+    assert np.isnan(res["precision"][3]) and np.isnan(res["precision"][4])
+
+
+# ---------------------------------------------------------------------- interventions
+def test_patch_with_natural_codes_changes_nothing_and_foreign_codes_do(fsm, tokens) -> None:
+    model = make_model(fsm, code_std=1.0)  # large codes: the patched site dominates
+    tok = torch.as_tensor(tokens[:8])
+    pos = np.array([2, 4, 6, 8, 2, 4, 6, 8])
+    natural = read_codes(model, tok).codes
+    clean = A.next_state_scores(model, fsm, tok, pos, batch_size=5)
+    same = A.next_state_scores(model, fsm, tok, pos, patch=natural, batch_size=5)
+    np.testing.assert_allclose(same, clean, atol=1e-6)
+
+    site = "attn_heads_1"
+    donor = natural[site].roll(1, dims=0)  # codes of another sequence
+    patched = natural[site].clone()
+    idx = torch.arange(8)
+    patched[idx, torch.as_tensor(pos)] = donor[idx, torch.as_tensor(pos)]
+    changed = A.next_state_scores(model, fsm, tok, pos, patch={site: patched}, batch_size=5)
+    differs = (patched[idx, torch.as_tensor(pos)] != natural[site][idx, torch.as_tensor(pos)])
+    moved = np.abs(changed - clean).max(axis=1) > 1e-4
+    assert moved.any()
+    np.testing.assert_array_equal(moved, differs.flatten(1).any(1).numpy())
+
+    # Same result as force_codes(replace) at that single position, row by row.
+    for i in range(3):
+        forced = {g: [int(c)] for g, c in enumerate(patched[i, pos[i], :, 0])}
+        with force_codes(model, site, forced, positions=[int(pos[i])], mode="replace"):
+            ref = A.next_state_scores(model, fsm, tok[i : i + 1], pos[i])
+        np.testing.assert_allclose(changed[i], ref[0], atol=1e-6)
+
+
+def test_intervention_experiment_moves_towards_b(fsm, tokens) -> None:
+    model = make_model(fsm, code_std=1.0)
+    res = A.intervention_experiment(model, fsm, tokens, [(0, 5), (3, 7), (5, 0)],
+                                    targets_per_pair=3, seed=1)
+    assert res["pairs"] == [(0, 5), (3, 7), (5, 0)] and res["n"] == 9
+    assert set(res["by_site"]) == set(model.codebooks)
+    for metrics in [res["clean"], res["all"], *res["by_site"].values()]:
+        for key in ("success_rate", "mean_overlap", "overlap_with_a", "jsd_normalised"):
+            assert 0.0 <= metrics[key] <= 1.0
+    # Patching every site at once changes the next-state distribution.
+    assert res["all"]["jsd_normalised"] != pytest.approx(res["clean"]["jsd_normalised"])
+
+
+def test_select_pairs() -> None:
+    rng = np.random.default_rng(0)
+    pairs, mode = A.select_pairs({"s": [1, 2, 3], "t": [3, 9]}, range(10), 100, rng)
+    assert mode == "dedicated"
+    assert set(pairs) == {(1, 2), (1, 3), (2, 1), (2, 3), (3, 1), (3, 2), (3, 9), (9, 3)}
+    pairs, mode = A.select_pairs({"s": [1]}, [0, 1, 2], 4, rng)
+    assert mode == "fallback" and len(pairs) == 4 and all(a != b for a, b in pairs)
+
+
+# ---------------------------------------------------------------------- the whole run
+FRACTIONS = [
+    "first_transition_accuracy", "transition_accuracy_all_positions", "code_precision_mean",
+    "code_precision_median", "neuron_precision_mean", "neuron_precision_median",
+    "neuron_precision_residual_mean", "intervention_success_rate",
+    "intervention_jsd_normalised",
+]
+
+
+def test_run_fsm_analysis_report_and_plots(model, fsm, tokens, tmp_path) -> None:
+    report = A.run_fsm_analysis(model, fsm, tokens, max_pairs=4, seed=0,
+                                all_positions_samples=16)
+    json.dumps(report, allow_nan=False)
+    for key in FRACTIONS:
+        assert 0.0 <= report[key] <= 1.0, key
+    assert 0 <= report["states_with_dedicated_code"] <= fsm.num_states
+    assert set(report["intervention_by_site"]) == set(model.codebooks) | {"all"}
+    per_state = report["per_state"]
+    assert len(per_state["code_precision"]) == fsm.num_states
+    assert len(per_state["neuron_precision_residual"]) == fsm.num_states
+    assert report["intervention_pairs"] and report["pair_selection"] in ("dedicated", "fallback")
+    again = A.run_fsm_analysis(model, fsm, tokens, max_pairs=4, seed=0, all_positions_samples=16)
+    assert again == report
+
+    a = plot_code_vs_neuron_precision(report, tmp_path / "figs" / "precision.png")
+    b = plot_intervention_by_site(report, tmp_path / "figs" / "interventions.png")
+    for path in (a, b):
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == [
+        "interventions.png", "precision.png"]
