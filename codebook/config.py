@@ -45,10 +45,13 @@ class CodebookConfig:
     # from recent inputs plus noise (0 disables).
     dead_code_steps: int = 0
     dead_code_noise: float = 0.01
+    # Codebooks are bypassed before this optimizer step (the model trains without them), then
+    # initialised by k-means (if kmeans_init_batches > 0) on the current activations and enabled.
+    start_step: int = 0
     # k-means initialisation from this many batches of real activations (0 disables).
     kmeans_init_batches: int = 0
     kmeans_iters: int = 10
-    # Tokens scored at once; bounds the (tokens x num_codes) score matrix.
+    # (token, group) rows scored at once; bounds the score matrix to this many x num_codes.
     score_chunk_tokens: int = 4096
     init_std: float = 1.0
 
@@ -107,7 +110,7 @@ class CodebookConfig:
             v = getattr(self, name)
             if not isinstance(v, int | float) or v < 0:
                 raise ConfigError(f"{p}.{name}", f"got {v!r}", "use a number >= 0")
-        for name in ("dead_code_steps", "kmeans_init_batches"):
+        for name in ("dead_code_steps", "kmeans_init_batches", "start_step"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ConfigError(f"{p}.{name}", f"got {v!r}", "use an integer >= 0 (0 disables)")

@@ -112,11 +112,13 @@ class CodebookLayer(nn.Module):
         rhs, sq_norms = self._score_operands(self.codes.detach().to(x.dtype))
         mask = None if disabled is None else disabled.unsqueeze(1)
         out = []
-        for chunk in x.split(self.score_chunk_tokens):
+        # a chunk holds score_chunk_tokens (token, group) rows of num_codes scores
+        for chunk in x.split(max(1, self.score_chunk_tokens // self.groups)):
             s = self._scores(chunk, rhs, sq_norms)
             if mask is not None:
                 s.masked_fill_(mask, float("-inf"))
-            out.append(s.topk(k, dim=-1).indices.transpose(0, 1))
+            ids = s.argmax(-1, keepdim=True) if k == 1 else s.topk(k, dim=-1).indices
+            out.append(ids.transpose(0, 1))
         return torch.cat(out) if len(out) > 1 else out[0]
 
     def lookup(self, idx: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -280,7 +282,7 @@ class CodebookLayer(nn.Module):
             assign = torch.cat([
                 (2 * c.transpose(0, 1) @ centroids.transpose(1, 2)
                  - centroids.pow(2).sum(-1).unsqueeze(1)).argmax(-1)
-                for c in x.split(self.score_chunk_tokens)
+                for c in x.split(max(1, self.score_chunk_tokens // self.groups))
             ], dim=1)  # (groups, n)
             sums = torch.zeros_like(centroids).scatter_add_(
                 1, assign.unsqueeze(-1).expand(-1, -1, self.group_dim), xg)

@@ -48,18 +48,25 @@ def start_run(tracking_uri: str, experiment: str, run_name: str, params: dict[st
     return run.info.run_id
 
 
+def log_artifacts(tracking_uri: str, run_id: str, path: Path, name: str) -> None:
+    """Attach a folder or file to a run under ``name``."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    if Path(path).is_dir():
+        client.log_artifacts(run_id, str(path), artifact_path=name)
+    elif Path(path).is_file():
+        client.log_artifact(run_id, str(path), artifact_path=name)
+
+
 def finish_run(tracking_uri: str, run_id: str, status: str = "FINISHED",
                artifacts: dict[str, Path] | None = None) -> None:
     """Attach artifact folders/files and close the run."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri)
     for name, path in (artifacts or {}).items():
-        if Path(path).is_dir():
-            client.log_artifacts(run_id, str(path), artifact_path=name)
-        elif Path(path).is_file():
-            client.log_artifact(run_id, str(path), artifact_path=name)
-    client.set_terminated(run_id, status=status)
+        log_artifacts(tracking_uri, run_id, path, name)
+    MlflowClient(tracking_uri).set_terminated(run_id, status=status)
 
 
 def _clean(key: str) -> str:

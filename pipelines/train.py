@@ -30,7 +30,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="override a config value, e.g. --set codebook.k=4 (repeatable)")
     p.add_argument("--max-steps", type=int, help="shorthand for --set run.max_steps=N")
     p.add_argument("--num-workers", type=int, help="shorthand for --set run.num_workers=N")
-    p.add_argument("--resume", action="store_true", help="continue run.name from its last checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue run.name from its last checkpoint")
     return p.parse_args(argv)
 
 
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         cfg = load_config(args.config, args.set, **{"run.max_steps": args.max_steps,
                                                     "run.num_workers": args.num_workers})
+        cfg.resolve_run_name(Path(args.config).stem, args.resume)
     except ConfigError as err:
         sys.exit(f"config error: {err}")
     print("resolved config:\n" + json.dumps(cfg.to_dict(), indent=2), flush=True)

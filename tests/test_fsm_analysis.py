@@ -72,18 +72,19 @@ def brute_force_scores(model, fsm, row: np.ndarray, pos: int) -> np.ndarray:
     FSMConfig(num_states=8, num_edges=2, base=2, trajectory_states=4),  # D=3
     FSMConfig(num_states=7, num_edges=2, base=10, trajectory_states=6),  # D=1
 ])
-def test_next_state_scores_match_brute_force(config: FSMConfig) -> None:
+@pytest.mark.parametrize("kv_cache", [True, False])
+def test_next_state_scores_match_brute_force(config: FSMConfig, kv_cache: bool) -> None:
     fsm = TokFSM(config)
     model = make_model(fsm, seed=1)
     tok = fsm.eval_set(5)
     d = fsm.digits_per_state
     positions = np.array([d, 2 * d, 0, d * config.trajectory_states, 3 * d])
-    scores = A.next_state_scores(model, fsm, tok, positions, batch_size=7)
+    scores = A.next_state_scores(model, fsm, tok, positions, batch_tokens=70, kv_cache=kv_cache)
     assert scores.shape == (5, fsm.num_states)
     for i in range(5):
         ref = brute_force_scores(model, fsm, tok[i], int(positions[i]))
         np.testing.assert_allclose(scores[i], ref, atol=1e-5)
-    assert (A._logsumexp(scores) <= 1e-9).all()
+    assert (np.logaddexp.reduce(scores, axis=1) <= 1e-9).all()
     renorm = A.next_state_scores(model, fsm, tok, positions, renormalise=True)
     np.testing.assert_allclose(np.exp(renorm).sum(1), 1.0, atol=1e-9)
     np.testing.assert_array_equal(np.argsort(renorm, 1), np.argsort(scores, 1))
@@ -103,7 +104,7 @@ def test_scores_are_proper_log_probs_when_every_spelling_is_a_state() -> None:
         scores = A.next_state_scores(model, fsm, tok, 2 * np.arange(6) % 10)
     finally:
         hook.remove()
-    np.testing.assert_allclose(A._logsumexp(scores)[:, 0], 0.0, atol=1e-9)
+    np.testing.assert_allclose(np.logaddexp.reduce(scores, axis=1), 0.0, atol=1e-9)
 
 
 def test_bad_positions_rejected(model, fsm, tokens) -> None:
@@ -219,13 +220,17 @@ def test_best_neurons_match_the_reference(integer: bool) -> None:
 
 
 # ---------------------------------------------------------------------- interventions
-def test_patch_with_natural_codes_changes_nothing_and_foreign_codes_do(fsm, tokens) -> None:
+@pytest.mark.parametrize("kv_cache", [True, False])
+def test_patch_with_natural_codes_changes_nothing_and_foreign_codes_do(
+    fsm, tokens, kv_cache: bool
+) -> None:
     model = make_model(fsm, code_std=1.0)  # large codes: the patched site dominates
     tok = torch.as_tensor(tokens[:8])
     pos = np.array([2, 4, 6, 8, 2, 4, 6, 8])
+    kw = dict(batch_tokens=60, kv_cache=kv_cache)  # several rows of mixed positions per pass
     natural = read_codes(model, tok).codes
-    clean = A.next_state_scores(model, fsm, tok, pos, batch_size=5)
-    same = A.next_state_scores(model, fsm, tok, pos, patch=natural, batch_size=5)
+    clean = A.next_state_scores(model, fsm, tok, pos, **kw)
+    same = A.next_state_scores(model, fsm, tok, pos, patch=natural, **kw)
     np.testing.assert_allclose(same, clean, atol=1e-6)
 
     site = "attn_heads_1"
@@ -233,7 +238,7 @@ def test_patch_with_natural_codes_changes_nothing_and_foreign_codes_do(fsm, toke
     patched = natural[site].clone()
     idx = torch.arange(8)
     patched[idx, torch.as_tensor(pos)] = donor[idx, torch.as_tensor(pos)]
-    changed = A.next_state_scores(model, fsm, tok, pos, patch={site: patched}, batch_size=5)
+    changed = A.next_state_scores(model, fsm, tok, pos, patch={site: patched}, **kw)
     differs = (patched[idx, torch.as_tensor(pos)] != natural[site][idx, torch.as_tensor(pos)])
     moved = np.abs(changed - clean).max(axis=1) > 1e-4
     assert moved.any()

@@ -157,7 +157,8 @@ def next_state_scores(
     *,
     patch: Mapping[str, torch.Tensor] | None = None,
     renormalise: bool = False,
-    batch_size: int = 256,
+    kv_cache: bool = True,
+    batch_tokens: int = 1 << 15,
 ) -> np.ndarray:
     """Log-probability of every state being the next one after ``positions``: (n, num_states).
 
@@ -165,14 +166,21 @@ def next_state_scores(
     the current state in each row (a multiple of ``D``; 0 = BOS scores the first state). Tokens
     after a row's position are ignored (the candidate digits are teacher-forced there), so a
     position may be the last one of the sequence. See the module docstring for the
-    normalisation.
+    normalisation. Rows are processed in passes of about ``batch_tokens`` tokens.
 
-    ``patch``: optional ``{site: codes (n, T_src, groups, k)}``; during every pass the codes at
-    ``site`` are replaced by ``codes[row]`` at the state positions used in the batch (the
-    ``positions`` of the rows in it). A row's patch must therefore hold its own natural codes
-    at every state position other than its own (``read_codes`` output with the row's position
-    overwritten; see :func:`intervention_experiment`). Candidate-digit positions are never
-    patched (they are not multiples of ``D``).
+    ``kv_cache=True`` runs each context once and the ``(D-1)``-digit candidate prefixes from its
+    key/value cache (the cache repeated per prefix, keys after a row's own position masked out,
+    rotary/absolute positions given explicitly): about ``P`` times cheaper than
+    ``kv_cache=False``, which runs context + prefix afresh for each of the ``P`` prefixes. Both
+    give the same scores. With the cache, candidate digits are seen by codebook editors at
+    positions ``max(positions in the pass) + 1 ...`` rather than ``position + 1 ...``; this only
+    matters for interventions entered by the caller that target non-state positions.
+
+    ``patch``: optional ``{site: codes (n, T_src, groups, k)}``; the codes at ``site`` are
+    replaced by ``codes[row]`` at the state positions used in the pass (the ``positions`` of
+    its rows). A row's patch must therefore hold its own natural codes at every state position
+    other than its own (``read_codes`` output with the row's position overwritten; see
+    :func:`intervention_experiment`). Candidate digits are never patched.
     """
     tok = _tokens(tokens)
     n, seq_len = tok.shape
@@ -189,35 +197,32 @@ def next_state_scores(
     device = _device(model)
     out = np.empty((n, fsm.num_states), dtype=np.float64)
     order = np.argsort(pos, kind="stable")  # similar positions together: shorter inputs
-    rows_per_pass = max(1, batch_size // n_prefix)
     state_digit = torch.as_tensor(digits)
     state_prefix = torch.as_tensor(prefix_idx)
+    # Tokens a row costs: P copies of context + prefix (plain), or P copies of its cache.
+    cost = n_prefix * (pos[order] + d)
+    start = 0
     with _eval_mode(model):
-        for start in range(0, n, rows_per_pass):
-            chunk = order[start : start + rows_per_pass]
-            c = len(chunk)
-            cp = pos[chunk]
-            length = int(cp.max()) + d
-            x = torch.zeros((c, length), dtype=torch.long)
-            keep = min(length, seq_len)
-            x[:, :keep] = tok[torch.as_tensor(chunk), :keep]
-            x = x.repeat_interleave(n_prefix, dim=0)  # row r * n_prefix + q
-            rr = torch.as_tensor(np.repeat(cp, n_prefix))
-            qq = torch.arange(n_prefix).repeat(c)
-            rows = torch.arange(c * n_prefix)
-            for j in range(d - 1):
-                x[rows, rr + 1 + j] = torch.as_tensor(prefixes[:, j])[qq]
+        while start < n:
+            stop = start + 1  # positions ascend along ``order``: the last row is the longest
+            while stop < n and (stop - start + 1) * cost[stop] <= batch_tokens:
+                stop += 1
+            chunk = order[start:stop]
+            start = stop
             with ExitStack() as stack:
                 if patch:
-                    at = np.unique(cp).tolist()
+                    at = np.unique(pos[chunk]).tolist()
                     idx = torch.as_tensor(chunk)
+                    reps = 1 if kv_cache else n_prefix
                     for site, src in patch.items():
-                        rows_src = src[idx].repeat_interleave(n_prefix, dim=0).to(device)
+                        rows_src = src[idx].repeat_interleave(reps, dim=0).to(device)
                         stack.enter_context(patch_codes(model, site, rows_src, positions=at))
-                logits = model(input_ids=x.to(device)).logits
-            read_at = rr[:, None] + torch.arange(d)[None, :]  # (c*P, D)
-            lp = logits[rows[:, None].to(device), read_at.to(device)].double().log_softmax(-1)
-            lp = lp.cpu().view(c, n_prefix, d, -1)
+                if kv_cache:
+                    lp = _cached_pass(model, tok, chunk, pos[chunk], prefixes, d, device, stack)
+                else:
+                    lp = _plain_pass(model, tok, chunk, pos[chunk], prefixes, d, device)
+            c = len(chunk)
+            lp = lp.view(c, n_prefix, d, -1)
             total = torch.zeros((c, fsm.num_states), dtype=torch.float64)
             for j in range(d):
                 total += lp[:, state_prefix, j, state_digit[:, j]]
@@ -227,19 +232,71 @@ def next_state_scores(
     return out
 
 
+def _plain_pass(model, tok, chunk, cp, prefixes, d, device) -> torch.Tensor:
+    """(c * P, D, V) log-probs: context + each prefix run afresh."""
+    n_prefix = len(prefixes)
+    c, seq_len = len(chunk), tok.shape[1]
+    length = int(cp.max()) + d
+    x = torch.zeros((c, length), dtype=torch.long)
+    keep = min(length, seq_len)
+    x[:, :keep] = tok[torch.as_tensor(chunk), :keep]
+    x = x.repeat_interleave(n_prefix, dim=0)  # row r * n_prefix + q
+    rr = torch.as_tensor(np.repeat(cp, n_prefix))
+    qq = torch.arange(n_prefix).repeat(c)
+    rows = torch.arange(c * n_prefix)
+    for j in range(d - 1):
+        x[rows, rr + 1 + j] = torch.as_tensor(prefixes[:, j])[qq]
+    logits = model.model(input_ids=x.to(device)).logits
+    read_at = rr[:, None] + torch.arange(d)[None, :]  # (c*P, D)
+    lp = logits[rows[:, None].to(device), read_at.to(device)].double().log_softmax(-1)
+    return lp.cpu()
+
+
+def _cached_pass(model, tok, chunk, cp, prefixes, d, device, stack: ExitStack) -> torch.Tensor:
+    """(c * P, D, V) log-probs: the contexts once, then every prefix from the repeated cache.
+
+    ``stack`` holds the patch contexts; it is closed before the prefix pass (whose batch is P
+    times larger, and whose positions are never patched)."""
+    n_prefix = len(prefixes)
+    c = len(chunk)
+    length = int(cp.max()) + 1
+    x = tok[torch.as_tensor(chunk), :length].to(device)
+    rows = torch.arange(c)
+    res = model.model(input_ids=x, use_cache=d > 1)
+    first = res.logits[rows.to(device), torch.as_tensor(cp).to(device)].double().log_softmax(-1)
+    first = first.cpu().repeat_interleave(n_prefix, dim=0)[:, None]  # (c*P, 1, V)
+    stack.close()
+    if d == 1:
+        return first
+    cache = res.past_key_values
+    del res
+    cache.batch_repeat_interleave(n_prefix)
+    rr = torch.as_tensor(np.repeat(cp, n_prefix))  # (c*P,)
+    y = torch.as_tensor(prefixes).repeat(c, 1)  # (c*P, D-1), prefix q of row r at r*P + q
+    mask = torch.ones((c * n_prefix, length + d - 1), dtype=torch.long)
+    mask[:, :length] = (torch.arange(length)[None, :] <= rr[:, None]).long()
+    pos_ids = rr[:, None] + 1 + torch.arange(d - 1)[None, :]
+    logits = model.model(
+        input_ids=y.to(device), attention_mask=mask.to(device), position_ids=pos_ids.to(device),
+        past_key_values=cache, use_cache=True,
+    ).logits
+    rest = logits.double().log_softmax(-1).cpu()  # (c*P, D-1, V)
+    return torch.cat([first, rest], dim=1)
+
+
 def _logsumexp(x: np.ndarray) -> np.ndarray:
     m = x.max(axis=1, keepdims=True)
     return m + np.log(np.exp(x - m).sum(axis=1, keepdims=True))
 
 
 def first_transition_accuracy(
-    model: CodebookModel, fsm: TokFSM, tokens: Any, batch_size: int = 256
+    model: CodebookModel, fsm: TokFSM, tokens: Any, batch_tokens: int = 1 << 15
 ) -> float:
     """Mean overlap of the top-E predicted next states after the FIRST state (position D) with
     its E true out-neighbours (``fsm.first_transition_accuracy``)."""
     tok = _tokens(tokens)
     d = fsm.digits_per_state
-    scores = next_state_scores(model, fsm, tok[:, : 2 * d], d, batch_size=batch_size)
+    scores = next_state_scores(model, fsm, tok[:, : 2 * d], d, batch_tokens=batch_tokens)
     first = fsm.decode_tokens(tok[:, 1 : 1 + d].numpy(), has_bos=False)[:, 0]
     return fsm.first_transition_accuracy(scores, first)
 
@@ -250,7 +307,7 @@ def transition_accuracy_all_positions(
     tokens: Any,
     max_samples: int | None = 256,
     seed: int = 0,
-    batch_size: int = 256,
+    batch_tokens: int = 1 << 15,
 ) -> float:
     """Like :func:`first_transition_accuracy`, averaged over every state position but the last
     (whose next state is not in the sequence). ``max_samples`` (row, position) pairs are drawn
@@ -266,7 +323,7 @@ def transition_accuracy_all_positions(
         pick = np.random.default_rng(seed).choice(rows.size, size=max_samples, replace=False)
         rows, cols = rows[pick], cols[pick]
     scores = next_state_scores(model, fsm, tok[torch.as_tensor(rows)], cols,
-                               batch_size=batch_size)
+                               batch_tokens=batch_tokens)
     return fsm.first_transition_accuracy(scores, labels[rows, cols])
 
 
@@ -277,7 +334,8 @@ class StateData:
 
     ``site_acts`` holds the raw inputs of all sites side by side (``site_columns[site]`` is its
     column range); ``residual`` the residual stream (``residual_columns[name]``, names
-    ``hidden_0`` = embeddings ... ``hidden_L`` = last layer output).
+    ``hidden_0`` = embeddings ... ``hidden_L`` = last layer output, as the HF model's
+    ``output_hidden_states`` gives them: for GPT-NeoX the last is after the final layer norm).
     """
 
     labels: np.ndarray  # (M,) state
@@ -600,7 +658,7 @@ def intervention_experiment(
     targets_per_pair: int = 4,
     success_overlap: float = 0.9,
     seed: int = 0,
-    batch_size: int = 256,
+    batch_tokens: int = 1 << 15,
 ) -> dict[str, Any]:
     """Patch b's codes into sequences at a's position; see the module docstring.
 
@@ -639,13 +697,14 @@ def intervention_experiment(
 
     # b's own next-state distribution at its source position.
     b_logp = next_state_scores(model, fsm, tok[torch.as_tensor(src_rows)], src_pos,
-                               renormalise=True, batch_size=batch_size)
+                               renormalise=True, batch_tokens=batch_tokens)
     b_probs = np.exp(b_logp)[pair_of_a]
 
     # Codes of the target rows (natural) and of the sources at b's position.
     with _eval_mode(model):
-        t_codes = _read_rows(model, tok[torch.as_tensor(t_rows)], names, batch_size)
-        s_codes = _read_rows(model, tok[torch.as_tensor(src_rows)], names, batch_size)
+        rows_per_pass = max(1, batch_tokens // tok.shape[1])
+        t_codes = _read_rows(model, tok[torch.as_tensor(t_rows)], names, rows_per_pass)
+        s_codes = _read_rows(model, tok[torch.as_tensor(src_rows)], names, rows_per_pass)
     patched: dict[str, torch.Tensor] = {}
     idx = torch.arange(len(t_rows))
     for name in names:
@@ -659,7 +718,7 @@ def intervention_experiment(
 
     def measure(patch: Mapping[str, torch.Tensor] | None) -> dict[str, Any]:
         logp = next_state_scores(model, fsm, t_tok, t_pos, patch=patch, renormalise=True,
-                                 batch_size=batch_size)
+                                 batch_tokens=batch_tokens)
         over_b = _overlaps(fsm, logp, b_state)
         over_a = _overlaps(fsm, logp, a_state)
         jsd = normalised_jsd(np.exp(logp), b_probs, axis=1)
@@ -704,8 +763,7 @@ def run_fsm_analysis(
     dedicated_precision: float = 0.95,
     success_overlap: float = 0.9,
     all_positions_samples: int | None = 256,
-    batch_size: int = 64,
-    score_batch_size: int = 256,
+    batch_tokens: int = 1 << 15,
 ) -> dict[str, Any]:
     """The FSM experiment's JSON-able report (NaN -> None); see the module docstring.
 
@@ -732,12 +790,13 @@ def run_fsm_analysis(
         },
     }
     report["first_transition_accuracy"] = first_transition_accuracy(
-        model, fsm, tok, batch_size=score_batch_size)
+        model, fsm, tok, batch_tokens=batch_tokens)
     report["transition_accuracy_all_positions"] = transition_accuracy_all_positions(
         model, fsm, tok, max_samples=all_positions_samples, seed=seed,
-        batch_size=score_batch_size)
+        batch_tokens=batch_tokens)
 
-    data = collect_state_data(model, fsm, tok, names, batch_size=batch_size)
+    data = collect_state_data(model, fsm, tok, names,
+                              batch_size=max(1, batch_tokens // tok.shape[1]))
     sizes = {name: model.codebooks[name].num_codes for name in names}
     cls = classify_state_codes(data.codes, data.labels, fsm.num_states, sizes, min_recall,
                                dedicated_precision)
@@ -765,7 +824,7 @@ def run_fsm_analysis(
     present = sorted(_first_occurrences(fsm, tok.numpy()))
     pairs, mode = select_pairs(cls["dedicated_by_site"], present, max_pairs, rng)
     inter = intervention_experiment(model, fsm, tok, pairs, names, targets_per_pair,
-                                    success_overlap, seed, score_batch_size)
+                                    success_overlap, seed, batch_tokens)
     report.update({
         "intervention_success_rate": inter["all"]["success_rate"],
         "intervention_mean_overlap": inter["all"]["mean_overlap"],

@@ -45,6 +45,9 @@ class FSMConfig:
     seed: int = 42
     trajectory_states: int = 64
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> FSMConfig:
         """Raise ``ValueError`` naming the bad field and the fix; return ``self`` when valid."""
         for name in ("num_states", "num_edges", "base", "seed", "trajectory_states"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from codebook.errors import ConfigError
 
 @dataclass
 class RunSection:
-    name: str = "codebook"
+    name: str | None = None  # None: "<config name>-<timestamp>" (see resolve_run_name)
     # Where Ray Train writes checkpoints; must be reachable from every node (shared FS or cloud).
     storage_path: str = "~/codebook-runs"
     seed: int = 0
@@ -116,7 +117,22 @@ class TrainConfig:
 
     @property
     def run_dir(self) -> Path:
+        if self.run.name is None:
+            raise ConfigError("run.name", "not resolved", "call resolve_run_name first")
         return self.storage_path / self.run.name
+
+    def resolve_run_name(self, stem: str, resume: bool) -> str:
+        """Fill in ``run.name``: a new ``<stem>-<timestamp>``, or on resume the newest such run."""
+        if self.run.name is None:
+            if resume:
+                runs = sorted(self.storage_path.glob(f"{stem}-2*"), key=lambda p: p.name)
+                if not runs:
+                    raise ConfigError("--resume", f"no run named {stem}-* in {self.storage_path}",
+                                      "pass --set run.name=NAME of the run to continue")
+                self.run.name = runs[-1].name
+            else:
+                self.run.name = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        return self.run.name
 
     def tracking_uri(self) -> str:
         uri = self.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
@@ -157,7 +173,10 @@ class TrainConfig:
             raise ConfigError("model", "give exactly one of name_or_path and from_config",
                               "set model.name_or_path (hub name / folder) or model.from_config")
         if d.source == "fsm":
-            self.fsm_config  # noqa: B018 - validates the fsm section
+            try:
+                self.fsm_config  # noqa: B018 - validates the fsm section
+            except (TypeError, ValueError) as err:
+                raise ConfigError("data.fsm", str(err), "fix the FSM settings") from err
         elif d.source in ("text", "parquet"):
             if not d.paths:
                 raise ConfigError("data.paths", f"source {d.source!r} needs files",
@@ -249,6 +268,11 @@ def _check_type(value: Any, hint: Any, path: str) -> Any:
         return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):  # YAML reads 3e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if hint in (int, float) and isinstance(value, bool):
         raise ConfigError(path, f"expected {hint.__name__}, got {value!r}", "write a number")
     if not isinstance(value, hint):

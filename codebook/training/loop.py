@@ -94,8 +94,7 @@ def train(cfg: TrainConfig, data: LoopData, reporter: Reporter, workers: Workers
           resume_dir: Path | None = None, mlflow_run_id: str | None = None) -> dict[str, Any]:
     """Train to ``cfg.run.max_steps``; resume from ``resume_dir`` if given. Returns a summary."""
     model = build_model(cfg)
-    if cfg.codebook_config.kmeans_init_batches and resume_dir is None:
-        kmeans_init(model, data.train(0), cfg, workers)
+    cb = cfg.codebook_config
     engine = make_engine(model, cfg, workers.device)
     state = TrainState(mlflow_run_id=mlflow_run_id)
     if resume_dir is not None:
@@ -111,6 +110,12 @@ def train(cfg: TrainConfig, data: LoopData, reporter: Reporter, workers: Workers
     start_step, start_time = state.step, time.perf_counter()
     last: dict[str, float] = {}
     while state.step < cfg.run.max_steps:
+        if state.step == cb.start_step and cb.kmeans_init_batches:
+            init = [next(batches) for _ in range(cb.kmeans_init_batches)]
+            state.micro_batches += len(init)
+            kmeans_init(model, init, engine, cfg, workers)
+        for layer in model.codebooks.values():
+            layer.enabled = state.step >= cb.start_step
         for _ in range(accum):
             batch = _to_device(next(batches), workers.device)
             out = engine(input_ids=batch["input_ids"], labels=batch["input_ids"])
@@ -124,7 +129,6 @@ def train(cfg: TrainConfig, data: LoopData, reporter: Reporter, workers: Workers
         state.step += 1
         window_steps += 1
         model.set_step(state.step)
-        cb = cfg.codebook_config
         if cb.dead_code_steps and state.step % cb.dead_code_steps == 0:
             replace_dead_codes(model, engine, cfg, workers)
         is_last = state.step == cfg.run.max_steps
@@ -227,22 +231,28 @@ def save_checkpoint(model: CodebookModel, engine, state: TrainState, workers: Wo
 
 # ---------------------------------------------------------------------- codebook maintenance
 @torch.no_grad()
-def kmeans_init(model: CodebookModel, batches: Iterator[Batch], cfg: TrainConfig,
+def kmeans_init(model: CodebookModel, batches: list[Batch], engine, cfg: TrainConfig,
                 workers: Workers) -> None:
     """Initialise every codebook by k-means on real activations (rank 0's, broadcast)."""
     from codebook.interventions import recording
 
-    model.to(workers.device).eval()
+    model.eval()
     with model.codebooks_disabled(), recording(model, activations=True) as rec:
-        for _ in range(cfg.codebook_config.kmeans_init_batches):
-            model(input_ids=_to_device(next(batches), workers.device)["input_ids"])
+        for batch in batches:
+            model(input_ids=_to_device(batch, workers.device)["input_ids"])
     gen = torch.Generator(device=workers.device).manual_seed(cfg.run.seed)
     for name, layer in model.codebooks.items():
-        if workers.rank == 0:
-            layer.kmeans_init_(rec.activations[name].reshape(-1, layer.dim),
-                               cfg.codebook_config.kmeans_iters, gen)
-        if workers.world_size > 1:
-            dist.broadcast(layer.codes.data, 0)
+        with engine.full_params([layer.codes]):
+            codes = layer.codes.detach().clone()
+            if workers.rank == 0:
+                original = codes.clone()
+                layer.kmeans_init_(rec.activations[name].reshape(-1, layer.dim).float(),
+                                   cfg.codebook_config.kmeans_iters, gen)
+                codes = layer.codes.detach().clone()
+                layer.codes.data.copy_(original)
+            if workers.world_size > 1:
+                dist.broadcast(codes, 0)
+        engine.set_param(layer.codes, codes)
     model.train()
 
 

@@ -1,0 +1,108 @@
+"""The finite-state-machine experiment end to end: train, then codes vs neurons and interventions.
+
+    python pipelines/fsm.py            # the full default (configs/fsm.yaml)
+    python pipelines/fsm.py --quick    # a few-minute version with a smaller FSM and model
+
+Training is ``pipelines/train.py``'s job (same loop, same Ray Train pipeline); the analysis is
+``codebook.analysis.fsm``. The report (JSON, also the last line printed), plots and the FSM
+itself are written to the run folder and logged to the run's MLflow record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script or a Ray job
+
+from codebook.errors import ConfigError  # noqa: E402
+from codebook.training.config import load_config  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+QUICK = [  # a smaller FSM and model: the whole pipeline in a few minutes on 2 cores
+    "data.fsm={num_states: 24, num_edges: 4, base: 10, seed: 42, trajectory_states: 24}",
+    "model.from_config.hidden_size=64", "model.from_config.num_hidden_layers=2",
+    "model.from_config.intermediate_size=256", "codebook.num_codes=128",
+    "codebook.start_step=150", "run.max_steps=250", "run.eval_every=250",
+    "run.checkpoint_every=250", "run.log_every=50", "data.eval_blocks=128",
+]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=str(REPO / "configs" / "fsm.yaml"))
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--quick", action="store_true", help="small FSM and model, a few minutes")
+    p.add_argument("--num-workers", type=int)
+    p.add_argument("--eval-sequences", type=int, default=None,
+                   help="held-out sequences for the analysis (default: data.eval_blocks)")
+    p.add_argument("--max-pairs", type=int, default=20, help="state pairs for interventions")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    overrides = (QUICK if args.quick else []) + args.set
+    try:
+        cfg = load_config(args.config, overrides, **{"run.num_workers": args.num_workers})
+        if cfg.data.source != "fsm":
+            raise ConfigError("data.source", f"got {cfg.data.source!r}", "the FSM needs 'fsm'")
+        cfg.resolve_run_name("fsm-quick" if args.quick else "fsm", resume=False)
+    except ConfigError as err:
+        sys.exit(f"config error: {err}")
+    import ray
+    import torch
+
+    from codebook import CodebookModel
+    from codebook.analysis.fsm import run_fsm_analysis
+    from codebook.analysis.plots import plot_code_vs_neuron_precision, plot_intervention_by_site
+    from codebook.data.fsm import TokFSM
+    from codebook.tracking import MLflowLogger, log_artifacts
+    from pipelines.launch import fit, init_ray
+
+    fsm = TokFSM(cfg.fsm_config)
+    out_dir = cfg.run_dir / "analysis"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fsm.save(out_dir / "fsm.json")
+    init_ray()
+    started = time.perf_counter()
+    try:
+        summary = fit(cfg)
+    finally:
+        ray.shutdown()
+    train_minutes = (time.perf_counter() - started) / 60
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    model = CodebookModel.from_pretrained(summary["model"]).eval()
+    eval_tokens = torch.from_numpy(fsm.eval_set(args.eval_sequences or cfg.data.eval_blocks))
+    t0 = time.perf_counter()
+    report = run_fsm_analysis(model, fsm, eval_tokens, max_pairs=args.max_pairs,
+                              seed=cfg.run.seed)
+    report.update({
+        "train_minutes": round(train_minutes, 2),
+        "analysis_minutes": round((time.perf_counter() - t0) / 60, 2),
+        "steps": summary["steps"], "final_eval_loss": summary["final_eval_loss"],
+        "mlflow_run_id": summary["mlflow_run_id"], "checkpoint": summary["checkpoint"],
+        "quick": args.quick,
+    })
+    report_path = out_dir / "report.json"
+    tmp = report_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    os.replace(tmp, report_path)
+    plot_code_vs_neuron_precision(report, out_dir / "code_vs_neuron_precision.png")
+    plot_intervention_by_site(report, out_dir / "intervention_by_site.png")
+    headline = {k: v for k, v in report.items() if isinstance(v, int | float) and v is not None}
+    MLflowLogger(cfg.tracking_uri(), summary["mlflow_run_id"]).log(
+        summary["steps"], {f"fsm/{k}": float(v) for k, v in headline.items()})
+    log_artifacts(cfg.tracking_uri(), summary["mlflow_run_id"], out_dir, "fsm_analysis")
+    compact = {k: v for k, v in report.items() if k != "per_state"}
+    print(json.dumps(compact), flush=True)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""The training pipeline for real: Ray Train workers, DeepSpeed ZeRO, MLflow, checkpoints."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+from mlflow.tracking import MlflowClient
+from train_helpers import FSM_CONFIG, tiny_overrides
+
+from codebook import CodebookModel
+from codebook.errors import ConfigError
+from codebook.training.config import load_config
+from codebook.training.loop import STATE_FILE
+from pipelines.launch import fit
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=4, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def history(cfg, run_id: str, key: str) -> list[tuple[int, float]]:
+    client = MlflowClient(cfg.tracking_uri())
+    return [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
+
+
+def runs_in(cfg) -> list:
+    client = MlflowClient(cfg.tracking_uri())
+    return client.search_runs([client.get_experiment_by_name(cfg.mlflow.experiment).experiment_id])
+
+
+def test_zero2_two_workers_learn_log_to_mlflow_and_save_hf_checkpoint(local_ray, tmp_path):
+    cfg = load_config(FSM_CONFIG, tiny_overrides(
+        tmp_path, "zero2", **{"deepspeed.zero_stage": 2, "run.num_workers": 2,
+                              "run.max_steps": 12, "codebook.commit_weight": 0.25}))
+    summary = fit(cfg)
+    assert summary["steps"] == 12
+    loss = history(cfg, summary["mlflow_run_id"], "train/loss")
+    assert loss[0][0] == 1 and loss[-1][0] == 12
+    assert loss[-1][1] < loss[0][1]
+    assert history(cfg, summary["mlflow_run_id"], "eval/loss")
+    assert history(cfg, summary["mlflow_run_id"], "train/mlp_1/dead_code_fraction")
+    run = MlflowClient(cfg.tracking_uri()).get_run(summary["mlflow_run_id"])
+    assert run.data.params["deepspeed.zero_stage"] == "2" and run.info.status == "FINISHED"
+    assert run.data.tags["ray_job_id"]
+    model = CodebookModel.from_pretrained(summary["model"]).eval()
+    assert model.codebook_config == cfg.codebook_config
+    ids = torch.randint(0, 11, (2, 25))
+    assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+def test_zero3_checkpoint_saves_and_resumes(local_ray, tmp_path):
+    over = {"deepspeed.zero_stage": 3, "run.num_workers": 2, "run.checkpoint_every": 4}
+    first = fit(load_config(FSM_CONFIG, tiny_overrides(tmp_path, "zero3", **over,
+                                                       **{"run.max_steps": 4})))
+    saved = CodebookModel.from_pretrained(first["model"])
+    assert sum(p.numel() for p in saved.parameters()) > 0
+    cfg = load_config(FSM_CONFIG, tiny_overrides(tmp_path, "zero3", **over,
+                                                 **{"run.max_steps": 8}))
+    with pytest.raises(ConfigError, match="--resume"):
+        fit(cfg)  # never silently overwrite a finished run
+    second = fit(cfg, resume=True)
+    assert second["steps"] == 8 and second["mlflow_run_id"] == first["mlflow_run_id"]
+    steps = [s for s, _ in history(cfg, second["mlflow_run_id"], "train/loss")]
+    assert steps == [1, 2, 4, 6, 8]  # the resumed part continues at step 5, logging 6 and 8
+    assert len(runs_in(cfg)) == 1
+
+
+def test_bad_input_fails_before_workers_start(local_ray, tmp_path):
+    too_many = load_config(FSM_CONFIG, tiny_overrides(tmp_path, "big", **{"run.num_workers": 64}))
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError, match="cluster has"):
+        fit(too_many)
+    assert time.perf_counter() - t0 < 10
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        fit(load_config(FSM_CONFIG, tiny_overrides(tmp_path, "fresh")), resume=True)
+
+
+def test_losing_a_worker_node_restores_from_the_last_checkpoint(tmp_path):
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    doomed = cluster.add_node(num_cpus=1)
+    ray.init(address=cluster.address)
+    try:
+        cfg = load_config(FSM_CONFIG, tiny_overrides(
+            tmp_path, "ft", **{"run.max_steps": 300, "run.checkpoint_every": 20,
+                               "run.log_every": 10, "run.eval_every": 100,
+                               "run.cpus_per_worker": 1, "run.max_failures": 3,
+                               "deepspeed.enabled": False}))
+        result: dict = {}
+        thread = threading.Thread(target=lambda: result.update(fit(cfg)))
+        thread.start()
+        run_dir = cfg.run_dir
+        deadline = time.time() + 240
+        while not list(run_dir.glob(f"*/{STATE_FILE}")) and time.time() < deadline:
+            time.sleep(0.5)
+        assert list(run_dir.glob(f"*/{STATE_FILE}")), "no checkpoint was written"
+        cluster.add_node(num_cpus=1)
+        cluster.remove_node(doomed)
+        thread.join(timeout=400)
+        assert result.get("steps") == 300
+        steps = [s for s, _ in history(cfg, result["mlflow_run_id"], "train/loss")]
+        repeated = sorted({s for s in steps if steps.count(s) > 1})
+        assert repeated, "the run never restarted"
+        assert min(repeated) > 20  # restored from a checkpoint, not from step 0
+        assert len(runs_in(cfg)) == 1
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def _checkpoints(run_dir: Path) -> list[Path]:
+    return list(run_dir.glob(f"*/{STATE_FILE}"))
