@@ -13,9 +13,9 @@
 #   RAY_PORT=6379           GCS port
 #   RAY_AUTH_MODE=disabled  "disabled" or "token" (see below); exported for every subcommand
 #   START_TIMEOUT=90        seconds `start` waits for the job API before giving up
-#   MLFLOW_TRACKING_URI     forwarded to the job; default sqlite:///<repo>/mlflow.db (absolute)
-#   STORAGE_PATH            Ray Train storage (run.storage_path); default <repo>/outputs/ray_results;
-#                           set it to an empty string to leave run.storage_path to the config
+#   MLFLOW_TRACKING_URI     forwarded to the job if set (default: sqlite in run.storage_path)
+#   STORAGE_PATH            forwarded as --set run.storage_path=... if set (default: the config's,
+#                           ~/codebook-runs)
 #   SUBMIT_NO_WAIT=1        return right after submitting instead of tailing the logs
 #   SUBMISSION_ID=...       fixed job id (handy for `ray job logs -f ID` / `ray job stop ID`)
 #   CODEBOOK_VENV=<repo>/.venv  virtual environment whose bin/ is put first on PATH, if it exists
@@ -134,7 +134,8 @@ excludes = [
     "/outputs", "/runs", "/ray_results", "/build", "/dist",
     "__pycache__", "*.pyc", "*.egg-info", ".pytest_cache", ".ruff_cache",
 ]
-print(json.dumps({"excludes": excludes, "env_vars": {"MLFLOW_TRACKING_URI": sys.argv[1]}}))
+env = {"MLFLOW_TRACKING_URI": sys.argv[1]} if sys.argv[1] else {}
+print(json.dumps({"excludes": excludes, "env_vars": env}))
 PY
 }
 
@@ -146,9 +147,11 @@ cmd_submit() {
   job_api_up || die "no Ray job API at ${JOB_API}; run '$0 start' first"
 
   # The job runs from a temporary copy of the repository, so relative paths would land in
-  # that copy and vanish: give MLflow and Ray Train absolute locations in the real checkout.
-  local mlflow_uri="${MLFLOW_TRACKING_URI:-sqlite:///${REPO_ROOT}/mlflow.db}"
-  local storage="${STORAGE_PATH-${REPO_ROOT}/outputs/ray_results}"
+  # that copy and vanish. The configs default to absolute places (run.storage_path
+  # ~/codebook-runs, MLflow in <storage>/mlflow.db); STORAGE_PATH and MLFLOW_TRACKING_URI,
+  # when set, are forwarded to the job.
+  local mlflow_uri="${MLFLOW_TRACKING_URI:-}"
+  local storage="${STORAGE_PATH:-}"
   if [[ -n "${storage}" ]] && ! has_storage_override "${train_args[@]}"; then
     if [[ "${storage}" == /* ]]; then
       mkdir -p -- "${storage}"
@@ -169,7 +172,7 @@ cmd_submit() {
     submit_opts+=(--no-wait)
   fi
 
-  echo "MLflow: ${mlflow_uri}"
+  echo "MLflow: ${mlflow_uri:-<storage>/mlflow.db (config default)}"
   ray job submit "${submit_opts[@]}" -- python pipelines/train.py "${train_args[@]}"
 }
 

@@ -206,7 +206,7 @@ class CodebookLayer(nn.Module):
             err.sum(),
             x.reshape(n, -1).norm(dim=-1).sum(),
             out.reshape(n, -1).norm(dim=-1).sum(),
-            torch.tensor(float(n), device=x.device),
+            torch.full((), float(n), device=x.device),
         ]).to(self.stat_sums.dtype)
         if self.training:
             self.steps_unused.add_(1).masked_fill_(batch_counts > 0, 0)  # in place, no realloc

@@ -45,7 +45,6 @@ def build(encoder: Path, merges: Path) -> object:
     vocab = json.loads(encoder.read_text(encoding="utf-8"))
     tok = GPT2TokenizerFast(vocab=vocab, merges=read_merges(merges), unk_token=EOS,
                             bos_token=EOS, eos_token=EOS)
-    tok.model_max_length = 1024
     return tok
 
 

