@@ -258,6 +258,8 @@ class CodebookLayer(nn.Module):
         scale = seeds.norm(dim=-1, keepdim=True) / d**0.5
         seeds = seeds + noise * scale * torch.randn(seeds.shape, device=seeds.device,
                                                     generator=generator)
+        if self.combine == "sum":  # a sum of k codes should land at the scale of the input
+            seeds = seeds / self.k
         self.codes.copy_(torch.where(dead.unsqueeze(-1), seeds.to(self.codes.dtype), self.codes))
         self.steps_unused.masked_fill_(dead, 0)
         return dead

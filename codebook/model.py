@@ -229,6 +229,10 @@ class CodebookModel(nn.Module):
         hf_config = AutoConfig.from_pretrained(name_or_path, **_config_kwargs(hf_kwargs))
         resolve_sites(hf_config, codebook_config)  # fail before any weights are read
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **hf_kwargs)
+        if hf_kwargs.get("gguf_file"):  # weights are dequantised on load: save them as such
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
         cb_model = cls(model, codebook_config)
         if saved.is_file():
             cb_model.load_codebooks(folder / CODEBOOK_WEIGHTS_FILE)

@@ -113,15 +113,21 @@ def text_datasets(cfg: TrainConfig) -> dict[str, Any]:
 
     d = cfg.data
     tokenizer = cfg.model.tokenizer or cfg.model.name_or_path
+    # A fixed order keeps the held-out split the same across runs and resumes.
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
     if d.source == "parquet":
-        ds = ray.data.read_parquet(expand_paths(d.paths, (".parquet",)), columns=[d.text_column])
-    elif d.source == "text":
+        ds = ray.data.read_parquet(expand_paths(d.paths, (".parquet",))).select_columns(
+            [d.text_column])
+    elif d.source == "text":  # one document per file
         files = expand_paths(d.paths, (".txt", ".md", ".text"))
-        ds = ray.data.read_text(files).map_batches(_lines_to_documents, batch_format="pandas")
+        ds = ray.data.read_binary_files(files).map(_file_to_document)
     else:
         import datasets as hf_datasets
 
-        ds = ray.data.from_huggingface(hf_datasets.load_dataset(d.hf_dataset, split=d.hf_split))
+        ds = ray.data.from_huggingface(
+            hf_datasets.load_dataset(d.hf_dataset, d.hf_config, split=d.hf_split))
+        column = d.text_column
+        ds = ds.filter(lambda row: bool(str(row[column]).strip()))  # WikiText: blank lines
     ds = ds.map_batches(
         _Packer, fn_constructor_kwargs={"tokenizer": tokenizer, "block_size": d.block_size,
                                         "column": d.text_column if d.source != "text" else "text"},
@@ -131,16 +137,16 @@ def text_datasets(cfg: TrainConfig) -> dict[str, Any]:
     if d.max_blocks:
         ds = ds.limit(d.max_blocks + d.eval_blocks)
     eval_ds, train_ds = ds.split_at_indices([d.eval_blocks])
-    if train_ds.count() == 0:
-        raise ConfigError("data.paths", "the corpus gives no training blocks after the "
-                          f"{d.eval_blocks} held-out ones", "add text or lower data.eval_blocks")
+    need = cfg.optim.batch_size * cfg.run.num_workers
+    if train_ds.count() < need:
+        raise ConfigError("data.paths", f"the corpus gives fewer than {need} training blocks "
+                          f"after the {d.eval_blocks} held-out ones (one batch per worker)",
+                          "add text, or lower data.eval_blocks / optim.batch_size")
     return {"train": train_ds, "eval": eval_ds}
 
 
-def _lines_to_documents(batch):
-    """Ray's read_text yields lines: keep the newlines so packed text reads as the file did."""
-    batch["text"] = batch["text"].astype(str) + "\n"
-    return batch
+def _file_to_document(row: dict[str, Any]) -> dict[str, str]:
+    return {"text": row["bytes"].decode("utf-8", errors="replace")}
 
 
 class _Packer:

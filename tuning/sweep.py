@@ -56,12 +56,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"sweep {spec.name}: {spec.sweep_dir}", flush=True)
     import ray
 
-    from pipelines.launch import init_ray
-
     # Save Tune's experiment state often: a killed driver then loses little on --resume.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")
     started = time.perf_counter()
-    init_ray()
+    init_ray_for_sweep()
     try:
         max_concurrent = check_resources(spec)
         parent_id = open_parent_run(spec, args.resume)
@@ -78,6 +76,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- before any trial
+def init_ray_for_sweep() -> None:
+    """``pipelines.launch.init_ray``, but a local cluster pins its dashboard address for its
+    workers: Ray Train's PlacementGroupCleaner (which frees the workers of a trial ASHA stops)
+    finds the cluster through the state API, and with a second Ray instance on the machine
+    (another user's) it cannot tell which is ours and dies, leaking the trial's placement
+    group until the sweep ends."""
+    import socket
+
+    import ray
+
+    from pipelines.launch import init_ray
+
+    if os.environ.get("RAY_ADDRESS") or ray.is_initialized():
+        init_ray()
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"  # inherited by workers
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(dashboard_host="127.0.0.1", dashboard_port=port)
+
+
 def prepare_sweep_dir(spec: SweepSpec, resume: bool) -> None:
     """A new sweep gets a new folder (never overwritten); --resume needs the same sweep file."""
     d = spec.sweep_dir
@@ -171,8 +192,15 @@ def run_tuner(spec: SweepSpec, parent_id: str, max_concurrent: int, resume: bool
             param_space={k: d.to_tune() for k, d in spec.search.items()},
             tune_config=tune.TuneConfig(
                 metric=spec.metric, mode=spec.mode, scheduler=build_scheduler(spec),
-                search_alg=BasicVariantGenerator(random_state=spec.seed),
-                num_samples=spec.num_samples, max_concurrent_trials=max_concurrent,
+                # max_concurrent here: Tune ignores max_concurrent_trials when given a
+                # BasicVariantGenerator.
+                search_alg=BasicVariantGenerator(random_state=spec.seed,
+                                                 max_concurrent=max_concurrent),
+                num_samples=spec.num_samples,
+                # No actor reuse: a trial ASHA stops must lose its actor, which takes the inner
+                # TorchTrainer's controller and workers down with it (a reused actor keeps
+                # training the stopped trial and the next one never starts).
+                reuse_actors=False,
                 trial_name_creator=trial_dirname, trial_dirname_creator=trial_dirname),
             run_config=tune.RunConfig(
                 name=tune_dir.name, storage_path=str(tune_dir.parent),

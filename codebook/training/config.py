@@ -55,6 +55,7 @@ class DataSection:
     fsm: dict[str, Any] = field(default_factory=dict)
     paths: list[str] = field(default_factory=list)
     hf_dataset: str | None = None
+    hf_config: str | None = None  # e.g. wikitext-103-raw-v1
     hf_split: str = "train"
     text_column: str = "text"
     block_size: int = 128
