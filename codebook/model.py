@@ -8,9 +8,6 @@ new ``transformers`` releases work as they are. Saved as a normal HF model folde
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,6 +20,7 @@ from torch import nn
 
 from codebook.config import CodebookConfig
 from codebook.errors import ConfigError
+from codebook.io import atomic_dir
 from codebook.layer import CodebookLayer
 from codebook.sites import Site, resolve_sites
 
@@ -282,24 +280,3 @@ def _check_site_width(model: nn.Module, site: Site) -> None:
             " (head count x head size mismatch)",
             "check num_attention_heads / head_dim in the model config",
         )
-
-
-@contextmanager
-def atomic_dir(path: Path) -> Iterator[Path]:
-    """Yield a temp folder beside ``path``; on success it replaces ``path`` in one rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-

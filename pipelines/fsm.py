@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
     from codebook.analysis.fsm import run_fsm_analysis
     from codebook.analysis.plots import plot_code_vs_neuron_precision, plot_intervention_by_site
     from codebook.data.fsm import TokFSM
+    from codebook.io import atomic_write
     from codebook.tracking import MLflowLogger, log_artifacts
     from pipelines.launch import fit, init_ray
 
@@ -89,10 +90,8 @@ def main(argv: list[str] | None = None) -> dict:
         "mlflow_run_id": summary["mlflow_run_id"], "checkpoint": summary["checkpoint"],
         "quick": args.quick,
     })
-    report_path = out_dir / "report.json"
-    tmp = report_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, report_path)
+    with atomic_write(out_dir / "report.json") as fh:
+        json.dump(report, fh, indent=2)
     plot_code_vs_neuron_precision(report, out_dir / "code_vs_neuron_precision.png")
     plot_intervention_by_site(report, out_dir / "intervention_by_site.png")
     headline = {k: v for k, v in report.items() if isinstance(v, int | float) and v is not None}

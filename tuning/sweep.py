@@ -35,6 +35,7 @@ from tuning.spec import SweepSpec, load_spec, trial_config  # noqa: E402
 
 PARENT_ID_FILE = "mlflow_parent_run_id"
 SPEC_COPY = "sweep.yaml"
+ASHA_STATE = "asha_rungs.json"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -64,11 +65,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         max_concurrent = check_resources(spec)
         parent_id = open_parent_run(spec, args.resume)
         results = run_tuner(spec, parent_id, max_concurrent, args.resume)
-        rows = collect_rows(spec, results)
+        unfinished = len(results) - results.num_terminated - results.num_errors
+        rows = collect_rows(spec, results) if not unfinished else []
     except ConfigError as err:
         sys.exit(f"config error: {err}")
     finally:
         ray.shutdown()
+    if unfinished:  # interrupted (Ctrl-C): the parent run stays open for --resume
+        sys.exit(f"sweep {spec.name} interrupted with {unfinished} trials unfinished; "
+                 f"continue it with: python tuning/sweep.py --config {args.config} --resume"
+                 + (f" --name {args.name}" if args.name else ""))
     summary = finish_sweep(spec, parent_id, rows)
     summary["wall_s"] = round(time.perf_counter() - started, 1)
     print(json.dumps(summary, default=str), flush=True)
@@ -166,8 +172,9 @@ def build_scheduler(spec: SweepSpec):
     s = spec.scheduler
     if s.kind == "fifo":
         return FIFOScheduler()
-    return FinishingASHA(spec.max_steps_bound(), time_attr=s.time_attr, max_t=s.max_t,
-                         grace_period=s.grace_period, reduction_factor=s.reduction_factor)
+    return FinishingASHA(spec.max_steps_bound(), state_file=str(spec.sweep_dir / ASHA_STATE),
+                         time_attr=s.time_attr, max_t=s.max_t, grace_period=s.grace_period,
+                         reduction_factor=s.reduction_factor)
 
 
 def run_tuner(spec: SweepSpec, parent_id: str, max_concurrent: int, resume: bool):

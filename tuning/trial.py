@@ -103,24 +103,65 @@ def _drop_unfinished_child(cfg, id_file: Path) -> None:
 
 
 class FinishingASHA(AsyncHyperBandScheduler):
-    """ASHA that never stops a trial at its last report.
+    """ASHA that never stops a trial at its last report, and keeps its rungs across --resume.
 
     Stopping at the final report (a rung at max_t, or max_t itself) would kill the trial while
     ``fit`` is closing its MLflow run and logging its model; at that point there is nothing
     left to save, so the trial is let finish by itself.
+
+    Tune does not save scheduler state with the experiment (``Tuner.restore`` brings back the
+    scheduler as it was built), so the rungs (trial id -> metric at each milestone) are written
+    to ``state_file`` after every decision and read back on first use: a resumed sweep judges
+    its remaining trials against the ones that ran before the interruption.
     """
 
-    def __init__(self, max_steps: int, **kwargs: Any):
+    def __init__(self, max_steps: int, state_file: str | None = None, **kwargs: Any):
         super().__init__(**kwargs)
         self._default_max_steps = max_steps
+        self._state_file = state_file
+        self._state_loaded = False
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        self._load_rungs()
+        super().on_trial_add(tune_controller, trial)
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        self._load_rungs()
         action = super().on_trial_result(tune_controller, trial, result)
         final = trial.config.get("run.max_steps", self._default_max_steps)
         if action == TrialScheduler.STOP and result.get("step", 0) >= final:
             self._num_stopped -= 1
-            return TrialScheduler.CONTINUE
+            action = TrialScheduler.CONTINUE
+        self._save_rungs()
         return action
+
+    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+        self._load_rungs()
+        super().on_trial_complete(tune_controller, trial, result)
+        self._save_rungs()
+
+    def _load_rungs(self) -> None:
+        if self._state_loaded:
+            return
+        self._state_loaded = True
+        if not self._state_file or not Path(self._state_file).is_file():
+            return
+        saved = json.loads(Path(self._state_file).read_text())
+        for bracket, rungs in zip(self._brackets, saved, strict=False):
+            for (milestone, recorded), (saved_milestone, saved_recorded) in zip(
+                    bracket._rungs, rungs, strict=False):
+                if milestone == saved_milestone:
+                    for trial_id, value in saved_recorded.items():
+                        recorded.setdefault(trial_id, value)
+
+    def _save_rungs(self) -> None:
+        if not self._state_file:
+            return
+        data = [[[m, r] for m, r in bracket._rungs] for bracket in self._brackets]
+        path = Path(self._state_file)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(data))
+        tmp.replace(path)
 
 
 class TrialEvents(Callback):

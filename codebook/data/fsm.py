@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from codebook.io import atomic_write
+
 __all__ = ["FSMConfig", "TokFSM", "row_hashes"]
 
 _FORMAT_VERSION = 1
@@ -337,18 +339,8 @@ class TokFSM:
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write config + transitions as JSON, atomically (temp file, fsync, ``os.replace``)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(self.to_dict(), fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with atomic_write(path) as fh:
+            json.dump(self.to_dict(), fh)
         return path
 
     @classmethod

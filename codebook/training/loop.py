@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -21,6 +20,7 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
+from codebook.io import atomic_write
 from codebook.model import CodebookModel
 from codebook.training.config import TrainConfig
 from codebook.training.engine import make_engine
@@ -223,9 +223,8 @@ def save_checkpoint(model: CodebookModel, engine, state: TrainState, workers: Wo
             if workers.rank == 0:
                 model.save_pretrained(directory / HF_DIR)
         if workers.rank == 0:
-            tmp = directory / (STATE_FILE + ".tmp")
-            tmp.write_text(json.dumps(asdict(state), indent=2))
-            os.replace(tmp, directory / STATE_FILE)
+            with atomic_write(directory / STATE_FILE) as fh:
+                json.dump(asdict(state), fh, indent=2)
         reporter.checkpoint(state.step, metrics, directory)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
