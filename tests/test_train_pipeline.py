@@ -119,3 +119,42 @@ def test_losing_a_worker_node_restores_from_the_last_checkpoint(tmp_path):
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def test_killed_driver_resumes_to_the_same_final_step_count(tmp_path):
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from train_helpers import REPO
+
+    name = "killed"
+    sets = tiny_overrides(tmp_path, name, **{"run.max_steps": 400, "run.checkpoint_every": 20,
+                                             "run.eval_every": 100, "run.log_every": 20,
+                                             "deepspeed.enabled": False})
+    args = [sys.executable, "pipelines/train.py", "--config", str(FSM_CONFIG)]
+    for item in sets:
+        args += ["--set", item]
+    log = open(tmp_path / "first.log", "w")  # noqa: SIM115 - closed below
+    first = subprocess.Popen(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    run_dir = tmp_path / name
+    deadline = time.time() + 240
+    while not list(run_dir.glob(f"*/{STATE_FILE}")) and time.time() < deadline:
+        time.sleep(0.5)
+    os.killpg(first.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    first.wait()
+    log.close()
+    assert list(run_dir.glob(f"*/{STATE_FILE}")), (tmp_path / "first.log").read_text()[-3000:]
+    done = subprocess.run(args + ["--resume"], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["steps"] == 400
+    assert summary["mlflow_run_id"] == (run_dir / "mlflow_run_id").read_text().strip()
+    cfg = load_config(FSM_CONFIG, sets)
+    assert len(runs_in(cfg)) == 1
+    steps = [s for s, _ in history(cfg, summary["mlflow_run_id"], "train/loss")]
+    assert steps[-1] == 400 and steps[0] == 1
