@@ -69,8 +69,7 @@ def _loss_vs_k(df: pd.DataFrame, path: Path, metric: str) -> Path:
         if len(stopped):
             ax.plot(stopped.k, stopped[metric], "x", color=line.get_color(), ms=8,
                     label=f"num_codes {n}, stopped early")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("k (active codes per codebook)")
+    _k_axis(ax, df)
     ax.set_ylabel(f"{metric} (last report)")
     ax.set_title("Eval loss vs k per codebook size")
     if len(df):
@@ -82,11 +81,11 @@ def _dead_vs_codes(df: pd.DataFrame, path: Path) -> Path:
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
     col = "dead_code_fraction"
-    for k, group in sorted(df.groupby("k"), key=lambda g: g[0]):
+    for i, (k, group) in enumerate(sorted(df.groupby("k"), key=lambda g: g[0])):
         for status, marker in STATUS_MARKERS.items():
             part = group[(group.status == status) & group[col].notna()]
             if len(part):
-                ax.scatter(part.num_codes, part[col], marker=marker, s=40,
+                ax.scatter(part.num_codes, part[col], marker=marker, s=40, color=f"C{i % 10}",
                            label=f"k={k}" + ("" if status == "finished" else f" ({status})"))
     ax.set_xscale("log")
     ax.set_ylim(-0.02, 1.02)
@@ -112,13 +111,21 @@ def _pareto(df: pd.DataFrame, path: Path, metric: str) -> Path:
         xs, ys = zip(*front, strict=True)
         ax.step(xs, ys, where="post", color="C3", lw=1.5, label="Pareto front (finished)")
         ax.scatter(xs, ys, facecolors="none", edgecolors="C3", s=110)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("k (active codes per codebook)")
+    _k_axis(ax, df)
     ax.set_ylabel(f"{metric} (last report)")
     ax.set_title("Pareto front: loss vs k")
     if len(df):
         ax.legend(fontsize=8)
     return save_figure(fig, path)
+
+
+def _k_axis(ax, df: pd.DataFrame) -> None:
+    ax.set_xscale("log", base=2)
+    ks = sorted({int(k) for k in df.k}) if len(df) else []
+    if ks:
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.minorticks_off()
+    ax.set_xlabel("k (active codes per codebook)")
 
 
 def write_best_config(config: dict[str, Any], path: Path, header: str) -> Path:

@@ -309,9 +309,12 @@ def finish_sweep(spec: SweepSpec, parent_id: str, rows: list[dict[str, Any]]) ->
         client.set_tag(run.info.run_id, "sweep.status", row["status"])
         if row["checkpoint"]:
             client.set_tag(run.info.run_id, "checkpoint", row["checkpoint"])
-        if run.info.status == "RUNNING":  # stopped by ASHA (or errored) inside fit
-            client.set_terminated(run.info.run_id,
-                                  "KILLED" if row["status"] == "stopped_early" else "FAILED")
+        # A trial ASHA stops dies inside fit: its run is left RUNNING, or FAILED when the
+        # inner trainer raised on the way down. Either way it was killed on purpose.
+        if row["status"] == "stopped_early" and run.info.status != "KILLED":
+            client.set_terminated(run.info.run_id, "KILLED")
+        elif row["status"] == "error" and run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, "FAILED")
 
     d = spec.sweep_dir
     df = summary_table(rows)
