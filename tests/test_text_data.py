@@ -139,7 +139,7 @@ def test_expand_paths_errors_clearly(tmp_path):
 def local_ray():
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False)
     yield
     ray.shutdown()
 

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=4, include_dashboard=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False)
     yield
     ray.shutdown()
 
@@ -90,10 +90,11 @@ def test_bad_input_fails_before_workers_start(local_ray, tmp_path):
 def test_losing_a_worker_node_restores_from_the_last_checkpoint(tmp_path):
     from ray.cluster_utils import Cluster
 
+    ray.shutdown()  # leave the module's single-node Ray for a two-node cluster
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    doomed = cluster.add_node(num_cpus=1)
-    ray.init(address=cluster.address)
     try:
+        doomed = cluster.add_node(num_cpus=1)
+        ray.init(address=cluster.address)
         cfg = load_config(FSM_CONFIG, tiny_overrides(
             tmp_path, "ft", **{"run.max_steps": 300, "run.checkpoint_every": 20,
                                "run.log_every": 10, "run.eval_every": 100,

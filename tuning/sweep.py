@@ -57,10 +57,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"sweep {spec.name}: {spec.sweep_dir}", flush=True)
     import ray
 
+    from pipelines.launch import init_ray
+
     # Save Tune's experiment state often: a killed driver then loses little on --resume.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")
     started = time.perf_counter()
-    init_ray_for_sweep()
+    init_ray()
     try:
         max_concurrent = check_resources(spec)
         parent_id = open_parent_run(spec, args.resume)
@@ -82,29 +84,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- before any trial
-def init_ray_for_sweep() -> None:
-    """``pipelines.launch.init_ray``, but a local cluster pins its dashboard address for its
-    workers: Ray Train's PlacementGroupCleaner (which frees the workers of a trial ASHA stops)
-    finds the cluster through the state API, and with a second Ray instance on the machine
-    (another user's) it cannot tell which is ours and dies, leaking the trial's placement
-    group until the sweep ends."""
-    import socket
-
-    import ray
-
-    from pipelines.launch import init_ray
-
-    if os.environ.get("RAY_ADDRESS") or ray.is_initialized():
-        init_ray()
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"  # inherited by workers
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(dashboard_host="127.0.0.1", dashboard_port=port)
-
-
 def prepare_sweep_dir(spec: SweepSpec, resume: bool) -> None:
     """A new sweep gets a new folder (never overwritten); --resume needs the same sweep file."""
     d = spec.sweep_dir
