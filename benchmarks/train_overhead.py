@@ -117,6 +117,7 @@ def make_config(args: argparse.Namespace, storage: Path) -> TrainConfig:
         "deepspeed.zero_stage": 0,
         "deepspeed.bf16": False,
         "mlflow.log_model": False,
+        "codebook.start_step": 0,  # codebooks on for every timed step
     }
     forced = {
         "run.name": RUN_NAME,
