@@ -71,10 +71,9 @@ class _Editor:
 
 
 class _ForceEditor(_Editor):
-    def __init__(self, layer: CodebookLayer, codes: torch.Tensor, groups: list[int],
+    def __init__(self, codes: torch.Tensor, groups: list[int],
                  positions: torch.Tensor | None, mode: str):
         self.codes, self.groups, self.positions, self.mode = codes, groups, positions, mode
-        self.layer = layer
 
     def edit(self, idx, weight, positions):
         b, t, g, _ = idx.shape
@@ -138,7 +137,7 @@ def force_codes(model: CodebookModel, site: str, codes: Sequence[int] | dict[int
     table = torch.full((layer.groups, width), -1, dtype=torch.long)
     for g, ids in per_group.items():
         table[g, : len(ids)] = torch.as_tensor(list(ids), dtype=torch.long)
-    editor = _ForceEditor(layer, table, sorted(per_group), _as_positions(positions), mode)
+    editor = _ForceEditor(table, sorted(per_group), _as_positions(positions), mode)
     with _attached(layer, editor):
         yield
 

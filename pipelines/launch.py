@@ -27,8 +27,8 @@ MLFLOW_ID_FILE = "mlflow_run_id"
 class RayReporter:
     """Metrics to MLflow from rank 0; checkpoints to Ray Train from every rank."""
 
-    def __init__(self, logger: MLflowLogger | None, rank: int, report_metrics: bool):
-        self.logger, self.rank, self.report_metrics = logger, rank, report_metrics
+    def __init__(self, logger: MLflowLogger | None):
+        self.logger = logger
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if self.logger is not None:
@@ -55,7 +55,7 @@ def worker_loop(config: dict[str, Any]) -> None:
     logger = None
     if workers.rank == 0 and config.get("mlflow_run_id"):
         logger = MLflowLogger(config["tracking_uri"], config["mlflow_run_id"])
-    reporter = RayReporter(logger, workers.rank, report_metrics=True)
+    reporter = RayReporter(logger)
     data = _loop_data(cfg, workers)
     # After a worker failure Ray Train hands back the latest reported checkpoint; on a --resume
     # of an interrupted job (same run.name and storage) Ray Train V2 restores it too. Otherwise

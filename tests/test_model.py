@@ -254,5 +254,9 @@ def test_intervention_inputs_are_validated(tokens):
         pass
 
 
-def test_supported_families_cover_the_issue():
-    assert set(FAMILIES) == {"gpt_neox", "gpt2", "gpt_neo", "llama"}
+def test_every_library_family_has_a_tiny_model_under_test():
+    from codebook.sites import FAMILIES as LIBRARY_FAMILIES
+    from codebook.sites import MODEL_TYPES
+
+    assert set(LIBRARY_FAMILIES) == set(FAMILIES) == {"gpt_neox", "gpt2", "gpt_neo", "llama"}
+    assert set(MODEL_TYPES.values()) == set(LIBRARY_FAMILIES)
