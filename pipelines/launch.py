@@ -122,10 +122,7 @@ def text_datasets(cfg: TrainConfig) -> dict[str, Any]:
         files = expand_paths(d.paths, (".txt", ".md", ".text"))
         ds = ray.data.read_binary_files(files).map(_file_to_document)
     else:
-        import datasets as hf_datasets
-
-        ds = ray.data.from_huggingface(
-            hf_datasets.load_dataset(d.hf_dataset, d.hf_config, split=d.hf_split))
+        ds = _hf_dataset(cfg)
         column = d.text_column
         ds = ds.filter(lambda row: bool(str(row[column]).strip()))  # WikiText: blank lines
     ds = ds.map_batches(
@@ -139,10 +136,91 @@ def text_datasets(cfg: TrainConfig) -> dict[str, Any]:
     eval_ds, train_ds = ds.split_at_indices([d.eval_blocks])
     need = cfg.optim.batch_size * cfg.run.num_workers
     if train_ds.count() < need:
-        raise ConfigError("data.paths", f"the corpus gives fewer than {need} training blocks "
+        where = "data.hf_dataset" if d.source == "hf" else "data.paths"
+        raise ConfigError(where, f"the corpus gives fewer than {need} training blocks "
                           f"after the {d.eval_blocks} held-out ones (one batch per worker)",
                           "add text, or lower data.eval_blocks / optim.batch_size")
     return {"train": train_ds, "eval": eval_ds}
+
+
+def _hf_dataset(cfg: TrainConfig) -> Any:
+    """``datasets.load_dataset`` on the driver, its text column handed to Ray Data.
+
+    Errors (no ``datasets`` package, a dataset that is not there or not in the offline cache,
+    a wrong split or text column) become ConfigErrors before any worker starts.
+    """
+    import ray.data
+
+    d = cfg.data
+    try:
+        import datasets as hf_datasets
+    except ImportError as err:
+        raise ConfigError("data.source", "source 'hf' needs the Hugging Face datasets package",
+                          "pip install -e .[hf] (or use data.source=parquet/text with "
+                          "data.paths)") from err
+    name, data_files = _hf_location(d.hf_dataset, d.hf_data_files,
+                                    _packaged_builders())
+    try:
+        hf = hf_datasets.load_dataset(name, d.hf_config, split=d.hf_split, data_files=data_files)
+    except Exception as err:  # any failure here is about the data settings
+        if isinstance(err, ValueError) and "split" in str(err).lower():
+            raise ConfigError("data.hf_split", f"{d.hf_split!r} in {name}: "
+                              f"{str(err).rstrip('.')}",
+                              "set data.hf_split to one of the dataset's splits") from err
+        # Not found locally or on the hub, the hub unreachable, or HF_DATASETS_OFFLINE=1
+        # without a copy in the datasets cache.
+        raise ConfigError("data.hf_dataset", f"cannot load {name!r} (config {d.hf_config}, "
+                          f"split {d.hf_split}, data files {data_files}): "
+                          f"{type(err).__name__}: {str(err).rstrip('.')}",
+                          "give a local folder of .parquet/.txt/.json/.csv files, a builder "
+                          "such as parquet with data.hf_data_files, or a hub dataset that is "
+                          "reachable or already in the datasets cache (offline: "
+                          "HF_DATASETS_OFFLINE=1)") from err
+    if isinstance(hf, hf_datasets.DatasetDict | hf_datasets.IterableDatasetDict):
+        raise ConfigError("data.hf_split", f"got {d.hf_split!r}", "name one split, e.g. train")
+    if d.text_column not in (hf.column_names or []):
+        raise ConfigError("data.text_column", f"{d.text_column!r} is not a column of {name} "
+                          f"(columns: {hf.column_names})", "set data.text_column to one of them")
+    # Not ray.data.from_huggingface: for a dataset that is not transformed it reloads it and
+    # asks huggingface.co for Parquet URLs (a network call, even for local folders and with
+    # HF_DATASETS_OFFLINE=1). The text column as Arrow is what from_huggingface falls back to.
+    table = hf.select_columns([d.text_column]).with_format("arrow")[:]
+    rows = 50_000  # several blocks for a large corpus, so tokenising streams
+    return ray.data.from_arrow([table.slice(i, rows) for i in range(0, max(len(table), 1), rows)])
+
+
+def _packaged_builders() -> set[str]:
+    """Builder names ``load_dataset`` takes with data files: parquet, text, json, csv, ..."""
+    try:
+        from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
+
+        return set(_PACKAGED_DATASETS_MODULES)
+    except ImportError:  # a private name; these are the documented ones
+        return {"csv", "json", "parquet", "text", "arrow", "pandas", "imagefolder"}
+
+
+def _hf_location(name: str, data_files: list[str] | None,
+                 builders: set[str]) -> tuple[str, list[str] | None]:
+    """Absolute paths for a local dataset folder and local data files (read on the driver).
+
+    Data files given with a builder name (``parquet``) are relative to the cwd; with a local
+    folder, relative to that folder (as ``load_dataset`` reads them); with a hub dataset,
+    relative to its repository, so those stay as they are.
+    """
+    folder = Path(name).expanduser()
+    is_local = name not in builders and folder.exists()
+    if is_local:
+        name = str(folder.resolve())
+    if data_files is None or not (is_local or name in builders):
+        return name, data_files
+    base = Path(name) if is_local else Path.cwd()
+    files = [f if "://" in f else str((base / Path(f).expanduser()).absolute())
+             for f in data_files]
+    for f in files:
+        if "://" not in f and not any(c in f for c in "*?[") and not Path(f).exists():
+            raise ConfigError("data.hf_data_files", f"{f} does not exist",
+                              f"check the path (relative to {base})")
+    return name, files
 
 
 def _file_to_document(row: dict[str, Any]) -> dict[str, str]:
@@ -258,15 +336,20 @@ def fit(cfg: TrainConfig, resume: bool = False, callbacks: list | None = None,
     }
 
 
-def init_ray() -> None:
-    """Join the cluster in RAY_ADDRESS (as under ``ray job submit``) or start a local one."""
+def init_ray() -> bool:
+    """Join the cluster in RAY_ADDRESS (as under ``ray job submit``) or start a local one.
+
+    Returns False when Ray was already initialised in this process (the caller then leaves it
+    running), True when this call connected.
+    """
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if ray.is_initialized():
-        return
+        return False
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"])
+        return True
     else:
         # A new local cluster for this process (RAY_ADDRESS=auto joins a running one). Its
         # dashboard address is pinned for the workers: Ray Train's PlacementGroupCleaner finds
@@ -279,3 +362,4 @@ def init_ray() -> None:
             port = s.getsockname()[1]
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         ray.init(address="local", dashboard_host="127.0.0.1", dashboard_port=port)
+    return True

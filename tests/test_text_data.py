@@ -1,6 +1,7 @@
 """Text corpora: packing into blocks, path expansion, and real training runs on text and Parquet.
 
-Everything is local: the tokenizer is a tiny byte-level BPE trained here on a few sentences.
+Everything is local: the tokenizer is a tiny byte-level BPE trained on a few sentences
+(tests/text_helpers.py).
 """
 
 from __future__ import annotations
@@ -11,36 +12,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from train_helpers import FSM_CONFIG, REPO, tiny_overrides
+from text_helpers import EOS, TEXTS, build_tokenizer, lines, text_config
+from train_helpers import REPO
 
 from codebook.data.text import expand_paths, load_tokenizer, pack_batch
 from codebook.errors import ConfigError
 
-EOS = "<eos>"
-TEXTS = [
-    "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer",
-    "The slings and arrows of outrageous fortune,",
-    "Or to take arms against a sea of troubles\nAnd by opposing end them.",
-    "Now is the winter of our discontent made glorious summer by this sun of York.",
-    "All the world's a stage, and all the men and women merely players.",
-]
-
 
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory) -> str:
-    """A byte-level BPE (lossless round trip) with an EOS token, saved as a HF tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=[EOS], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(TEXTS * 4, trainer)
-    path = tmp_path_factory.mktemp("tokenizer")
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS).save_pretrained(str(path))
-    return str(path)
+    return build_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
 @pytest.fixture(scope="module")
@@ -144,36 +125,20 @@ def local_ray():
     ray.shutdown()
 
 
-def _lines(n: int) -> list[str]:
-    return [f"{TEXTS[i % len(TEXTS)]} ({i})" for i in range(n)]
-
-
 def _fit(tmp_path: Path, tok_dir: str, tokenizer, name: str, source: str, corpus: Path):
-    from codebook.training.config import load_config
     from pipelines.launch import fit
 
-    overrides = tiny_overrides(tmp_path, name, **{
-        "data.source": source,
-        "data.paths": json.dumps([str(corpus)]),  # a YAML list
-        "model.tokenizer": tok_dir,
-        "model.from_config.vocab_size": len(tokenizer),
-        "model.from_config.bos_token_id": tokenizer.eos_token_id,
-        "model.from_config.eos_token_id": tokenizer.eos_token_id,
-        "data.block_size": 16,
-        "data.eval_blocks": 4,
-        "run.max_steps": 4,
-        "deepspeed.enabled": False,
-    })
-    return fit(load_config(FSM_CONFIG, overrides))
+    return fit(text_config(tmp_path, tok_dir, tokenizer, name, **{
+        "data.source": source, "data.paths": json.dumps([str(corpus)])}))  # a YAML list
 
 
 @pytest.mark.slow
 def test_train_on_text_files(local_ray, tmp_path, tok_dir, tokenizer):
     corpus = tmp_path / "corpus"
     (corpus / "more").mkdir(parents=True)
-    lines = _lines(120)
+    text = lines(120)
     for i, path in enumerate(("a.txt", "b.md", "more/c.txt")):
-        (corpus / path).write_text("\n".join(lines[i::3]) + "\n")
+        (corpus / path).write_text("\n".join(text[i::3]) + "\n")
     summary = _fit(tmp_path, tok_dir, tokenizer, "text", "text", corpus)
     assert summary["steps"] == 4
     assert math.isfinite(summary["final_eval_loss"]) and math.isfinite(summary["final_train_loss"])
@@ -186,7 +151,7 @@ def test_train_on_parquet(local_ray, tmp_path, tok_dir, tokenizer):
 
     corpus = tmp_path / "parquet"
     corpus.mkdir()
-    docs = ["\n".join(_lines(120)[i::10]) for i in range(10)]  # one row per document
+    docs = ["\n".join(lines(120)[i::10]) for i in range(10)]  # one row per document
     pq.write_table(pa.table({"text": docs, "id": list(range(10))}), corpus / "part-0.parquet")
     summary = _fit(tmp_path, tok_dir, tokenizer, "parquet", "parquet", corpus)
     assert summary["steps"] == 4

@@ -54,9 +54,14 @@ class DataSection:
     source: Literal["fsm", "text", "parquet", "hf"] = "fsm"
     fsm: dict[str, Any] = field(default_factory=dict)
     paths: list[str] = field(default_factory=list)
+    # source "hf": what ``datasets.load_dataset`` takes: a hub name (e.g. wikitext), a local
+    # folder of data files, or a builder ("parquet", "text", "json", "csv") with hf_data_files.
     hf_dataset: str | None = None
     hf_config: str | None = None  # e.g. wikitext-103-raw-v1
     hf_split: str = "train"
+    # ``data_files=``: files or globs; local ones relative to the cwd (to a local hf_dataset
+    # folder when one is given), in a hub dataset relative to its repository.
+    hf_data_files: list[str] | None = None
     text_column: str = "text"
     block_size: int = 128
     eval_blocks: int = 256
@@ -186,12 +191,16 @@ class TrainConfig:
                 if not Path(os.path.expanduser(p)).exists():
                     raise ConfigError("data.paths", f"{p} does not exist",
                                       "check the path (relative paths are from the cwd)")
-            if self.model.tokenizer is None and self.model.name_or_path is None:
-                raise ConfigError("model.tokenizer", "text data needs a tokenizer",
-                                  "set model.tokenizer to a tokenizer folder or hub name")
         elif d.source == "hf" and not d.hf_dataset:
             raise ConfigError("data.hf_dataset", "source 'hf' needs a dataset name",
-                              "set data.hf_dataset")
+                              "set data.hf_dataset to a hub name, a local folder, or a builder "
+                              "such as parquet with data.hf_data_files")
+        if d.hf_data_files is not None and d.source != "hf":
+            raise ConfigError("data.hf_data_files", f"only used by source 'hf', not {d.source!r}",
+                              "set data.source=hf, or list the files in data.paths instead")
+        if d.source != "fsm" and self.model.tokenizer is None and self.model.name_or_path is None:
+            raise ConfigError("model.tokenizer", "text data needs a tokenizer",
+                              "set model.tokenizer to a tokenizer folder or hub name")
         if d.block_size < 2:
             raise ConfigError("data.block_size", f"got {d.block_size}", "use at least 2 tokens")
         return self
