@@ -41,3 +41,22 @@ def test_quick_fsm_experiment_trains_analyses_and_logs(tmp_path):
     artifacts = [a.path for a in client.list_artifacts(report["mlflow_run_id"], "fsm_analysis")]
     assert "fsm_analysis/report.json" in artifacts and "fsm_analysis/fsm.json" in artifacts
     assert client.get_metric_history(report["mlflow_run_id"], "fsm/code_precision_mean")
+
+    # The same model through the Ray Data path: extract the evaluation sequences into a code
+    # store and evaluate FSM states as features; it must recover the state codes found above.
+    from pipelines import evaluate as evaluate_cli
+    from pipelines import extract as extract_cli
+
+    store = tmp_path / "store"
+    extract_cli.main(["--model", report["checkpoint"], "--source", "fsm", "--fsm-file",
+                      str(run_dir / "analysis" / "fsm.json"), "--fsm-sequences", "128",
+                      "--docs-per-shard", "32", "--out", str(store)])
+    summary = evaluate_cli.main(["--store", str(store), "--min-recall", "0.2"])
+    per_state = json.loads((run_dir / "analysis" / "report.json").read_text())["per_state"]
+    found = {f["feature"]: f for f in summary["per_feature"]}
+    for state, precision in zip(per_state["state"], per_state["code_precision"], strict=True):
+        if precision is None:
+            continue
+        assert found[f"state_{state}"]["code_precision"] == pytest.approx(precision), state
+    dedicated = sum(f["code_precision"] >= 0.95 for f in found.values())
+    assert dedicated == report["states_with_dedicated_code"]

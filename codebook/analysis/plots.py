@@ -17,7 +17,8 @@ from matplotlib.figure import Figure
 
 from codebook.io import atomic_write
 
-__all__ = ["plot_code_vs_neuron_precision", "plot_intervention_by_site", "save_figure"]
+__all__ = ["plot_code_vs_neuron_precision", "plot_feature_precision", "plot_intervention_by_site",
+           "save_figure"]
 
 
 def save_figure(fig: Figure, path: str | os.PathLike[str], dpi: int = 120) -> Path:
@@ -113,4 +114,23 @@ def plot_intervention_by_site(report: Mapping[str, Any],
     ax.set_title(f"Patching state b's codes at state a ({len(pairs)} pairs, "
                  f"{report.get('pair_selection', '?')})")
     ax.legend(fontsize=8, loc="upper left")
+    return save_figure(fig, path)
+
+
+def plot_feature_precision(rows: list[Mapping[str, Any]], path: str | os.PathLike[str]) -> Path:
+    """Bars per feature: best code's precision vs the best neuron's at the same recall."""
+    names = [r["feature"] for r in rows]
+    codes = _floats([r["code_precision"] for r in rows])
+    neurons = _floats([r.get("neuron_precision") for r in rows])
+    fig = Figure(figsize=(max(6.0, 0.6 * len(rows) + 2), 4))
+    ax = fig.add_subplot()
+    x = np.arange(len(rows))
+    ax.bar(x - 0.2, codes, 0.4, label=_mean_label("best code", codes))
+    ax.bar(x + 0.2, np.nan_to_num(neurons), 0.4, label=_mean_label("best neuron, same recall",
+                                                                   neurons))
+    ax.set_xticks(x, names, rotation=45, ha="right")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("precision")
+    ax.set_title("Feature classifiers: codes vs neurons")
+    ax.legend(loc="lower right")
     return save_figure(fig, path)

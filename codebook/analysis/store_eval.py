@@ -1,0 +1,210 @@
+"""Codes vs neurons as feature classifiers over a code store, one shard at a time.
+
+Two passes, each a map over shards whose partial results add up (so a Ray Data aggregation can
+combine them, and no process ever holds the whole store):
+
+1. ``count_partials``: per site, (code, feature) co-occurrence counts, code firing counts and
+   feature counts; plus the raw activations of each feature's positive tokens.
+2. The driver picks each feature's best code per site (``best_code_rows``) and, for every
+   neuron, the threshold that gives the code's recall on the positives
+   (``neuron_thresholds``); ``above_counts`` then counts, per shard, the tokens at or above
+   each threshold, which gives each neuron's precision at matched recall (``neuron_rows``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from codebook.analysis.classifiers import _positives_needed, best_code_per_label
+from codebook.store import StoreMeta, acts_column, codes_column, list_to_numpy
+
+Partial = dict[str, Any]
+
+
+def fsm_labels(table: pa.Table, fsm: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(T,) state label per token (-1: no state ends there) and the mask of labelled tokens."""
+    doc_ids = table.column("doc_id").to_numpy()
+    positions = table.column("position").to_numpy()
+    tokens = table.column("token_id").to_numpy()
+    labels = np.full(len(doc_ids), -1, dtype=np.int64)
+    bounds = np.flatnonzero(np.diff(doc_ids)) + 1
+    for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(doc_ids)], strict=True):
+        # whole sequences only, in position order (as extraction stores them)
+        if hi - lo == fsm.seq_len and np.array_equal(positions[lo:hi], np.arange(hi - lo)):
+            labels[lo:hi] = fsm.state_labels(tokens[lo:hi])
+    return labels, labels >= 0
+
+
+def _label_ids(labels: np.ndarray) -> np.ndarray:
+    """Labels as ids for ``code_feature_stats``: (T,) ints, or (T, F) bool -> (T, F) ids."""
+    if labels.dtype == bool:
+        return np.where(labels, np.arange(labels.shape[1])[None, :], -1)
+    return labels
+
+
+def _is_positive(labels: np.ndarray, feature: int) -> np.ndarray:
+    return labels[:, feature] if labels.dtype == bool else labels == feature
+
+
+def count_partials(table: pa.Table, meta: StoreMeta, labels: np.ndarray, mask: np.ndarray,
+                   num_features: int, sites: list[str], activation_sites: list[str]) -> Partial:
+    """Pass 1 over one shard (see the module docstring). Keys: ``tokens``, ``label_counts``,
+    ``joint/<site>`` (groups*num_codes, F), ``codes/<site>`` (groups*num_codes,),
+    ``pos/<site>/<feature>`` (positives, dim) float16."""
+    from codebook.analysis.classifiers import code_feature_stats
+
+    labels, mask = labels[mask], np.asarray(mask, dtype=bool)
+    ids = _label_ids(labels)
+    counts = np.bincount(ids[ids >= 0], minlength=num_features)[:num_features]
+    out: Partial = {"tokens": np.array([int(mask.sum())]), "label_counts": counts}
+    for site in sites:
+        info = meta.sites[site]
+        codes = list_to_numpy(table.column(codes_column(site)))[mask].astype(np.int64)
+        codes = codes.reshape(-1, info.groups, info.k)
+        codes = (codes + (np.arange(info.groups) * info.num_codes)[None, :, None])
+        stats = code_feature_stats(codes.reshape(len(codes), -1), ids,
+                                   info.groups * info.num_codes, num_features)
+        out[f"joint/{site}"] = stats["joint"]
+        out[f"codes/{site}"] = stats["code_counts"]
+    for site in activation_sites:
+        acts = list_to_numpy(table.column(acts_column(site)))[mask]
+        for f in np.flatnonzero(counts):
+            out[f"pos/{site}/{f}"] = acts[_is_positive(labels, int(f))]
+    return out
+
+
+def merge_partials(a: Partial, b: Partial) -> Partial:
+    """Add counts; stack positives (``pos/`` keys)."""
+    if not a:
+        return b
+    if not b:
+        return a
+    out = {key: np.asarray(value) for key, value in a.items()}  # rows may come back as lists
+    for key, value in b.items():
+        value = np.asarray(value)
+        if key not in out:
+            out[key] = value
+        elif key.startswith("pos/"):
+            out[key] = np.concatenate([out[key], value])
+        else:
+            out[key] = out[key] + value
+    return out
+
+
+def best_code_rows(merged: Partial, meta: StoreMeta, sites: list[str],
+                   feature_names: list[str], min_recall: float) -> list[dict[str, Any]]:
+    """One row per (feature with positives, site): the best code by precision at
+    recall >= ``min_recall`` and the best code by F1 (codes named ``group:code``)."""
+    rows = []
+    label_counts = merged["label_counts"]
+    for site in sites:
+        info = meta.sites[site]
+        joint, code_counts = merged[f"joint/{site}"], merged[f"codes/{site}"]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            precision = np.where(code_counts[:, None] > 0, joint / code_counts[:, None], 0.0)
+            recall = np.where(label_counts[None, :] > 0, joint / label_counts[None, :], 0.0)
+        stats = {"precision": precision, "recall": recall, "joint": joint}
+        code, p, r = best_code_per_label(stats, min_recall=min_recall)
+        f1_code, f1_p, f1_r = best_code_per_label(stats, by="f1")
+        for f, name in enumerate(feature_names):
+            if label_counts[f] == 0:
+                continue
+            rows.append({
+                "feature": name, "site": site, "positives": int(label_counts[f]),
+                "code": _code_name(code[f], info.num_codes),
+                "code_precision": _num(p[f]), "code_recall": _num(r[f]),
+                "code_firings": int(code_counts[code[f]]) if code[f] >= 0 else 0,
+                "f1_code": _code_name(f1_code[f], info.num_codes),
+                "f1_precision": _num(f1_p[f]), "f1_recall": _num(f1_r[f]),
+                "f1": _f1(f1_p[f], f1_r[f]),
+                "feature_index": f,
+            })
+    return rows
+
+
+def _code_name(code: int, num_codes: int) -> str | None:
+    return None if code < 0 else f"{code // num_codes}:{code % num_codes}"
+
+
+def _num(x: float) -> float | None:
+    return None if x is None or not math.isfinite(float(x)) else float(x)
+
+
+def _f1(p: float, r: float) -> float | None:
+    if not (math.isfinite(p) and math.isfinite(r)) or p + r == 0:
+        return None
+    return float(2 * p * r / (p + r))
+
+
+def neuron_thresholds(merged: Partial, rows: list[dict[str, Any]],
+                      activation_sites: list[str]) -> dict[str, np.ndarray]:
+    """Per (site, feature, sign): each neuron's threshold at the best code's recall, and how
+    many positives reach it (``thr/...`` and ``pos_above/...``, both (dim,))."""
+    out: dict[str, np.ndarray] = {}
+    for row in rows:
+        site, f = row["site"], row["feature_index"]
+        key = f"pos/{site}/{f}"
+        if site not in activation_sites or row["code_recall"] is None or key not in merged:
+            continue
+        pos = merged[key].astype(np.float32)
+        m = _positives_needed(row["code_recall"], len(pos))
+        for sign in (1, -1):
+            signed = sign * pos
+            thr = np.partition(signed, len(pos) - m, axis=0)[len(pos) - m]
+            out[f"thr/{site}/{f}/{sign}"] = thr
+            out[f"pos_above/{site}/{f}/{sign}"] = (signed >= thr[None, :]).sum(axis=0)
+    return out
+
+
+def above_counts(table: pa.Table, mask: np.ndarray, thresholds: dict[str, np.ndarray]
+                 ) -> Partial:
+    """Pass 2 over one shard: tokens (inside ``mask``) at or above every threshold."""
+    out: Partial = {}
+    cache: dict[str, np.ndarray] = {}
+    for key, thr in thresholds.items():
+        if not key.startswith("thr/"):
+            continue
+        _, site, f, sign = key.split("/")
+        if site not in cache:
+            cache[site] = list_to_numpy(table.column(acts_column(site)))[mask].astype(
+                np.float32)
+        out[f"above/{site}/{f}/{sign}"] = (int(sign) * cache[site] >= thr[None, :]).sum(axis=0)
+    return out
+
+
+def neuron_rows(rows: list[dict[str, Any]], thresholds: dict[str, np.ndarray],
+                above: Partial) -> None:
+    """Fill each row's best neuron at matched recall (``neuron``, ``neuron_sign``,
+    ``neuron_threshold``, ``neuron_precision``; None where no activations were stored)."""
+    for row in rows:
+        row.update(neuron=None, neuron_sign=None, neuron_threshold=None, neuron_precision=None)
+        best = -1.0
+        for sign in (1, -1):
+            key = f"{row['site']}/{row['feature_index']}/{sign}"
+            if f"thr/{key}" not in thresholds:
+                continue
+            precision = thresholds[f"pos_above/{key}"] / np.maximum(above[f"above/{key}"], 1)
+            j = int(np.argmax(precision))
+            if precision[j] > best:
+                best = float(precision[j])
+                row.update(neuron=j, neuron_sign=sign, neuron_precision=best,
+                           neuron_threshold=float(sign * thresholds[f"thr/{key}"][j]))
+
+
+def feature_summary(rows: list[dict[str, Any]], sites: list[str] | None = None
+                    ) -> list[dict[str, Any]]:
+    """Per feature, the site (among ``sites``, default all) whose best code is most precise
+    (ties: higher recall)."""
+    best: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        if row["code_precision"] is None or (sites is not None and row["site"] not in sites):
+            continue
+        cur = best.get(row["feature"])
+        key = (row["code_precision"], row["code_recall"] or 0.0)
+        if cur is None or key > (cur["code_precision"], cur["code_recall"] or 0.0):
+            best[row["feature"]] = row
+    return list(best.values())

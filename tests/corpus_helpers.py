@@ -1,0 +1,67 @@
+"""A small local text corpus, a byte-level BPE trained on it, and a tiny saved codebook model."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+MONTHS = "January February March April May June July August September October November December"
+WORDS = ("the king went to Boston with Bob and Bella over square feet of land , . ! ? ; : "
+         "( ) dragon fire castle river")
+
+
+def make_corpus(folder: Path, n_docs: int = 24, seed: int = 0) -> list[str]:
+    """``n_docs`` text files of months, years, digits, names and punctuation; returns texts."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    docs = []
+    for i in range(n_docs):
+        words = []
+        for _ in range(rng.randint(20, 90)):
+            r = rng.random()
+            if r < 0.1:
+                words.append(rng.choice(MONTHS.split()))
+            elif r < 0.2:
+                words.append(str(rng.choice([1900 + rng.randint(0, 99), 2000 + rng.randint(0, 30),
+                                             rng.randint(0, 9)])))
+            else:
+                words.append(rng.choice([*WORDS.split(), "square feet", "\"quoted\""]))
+        docs.append(" ".join(words))
+        (folder / f"doc{i:03d}.txt").write_text(docs[-1])
+    return docs
+
+
+def save_bpe_tokenizer(texts: list[str], path: Path, vocab_size: int = 400):
+    """A lossless byte-level BPE with an ``<eos>`` token, saved as a HF tokenizer folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<eos>"],
+                                  show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+    hf_tok.save_pretrained(str(path))
+    return hf_tok
+
+
+def save_tiny_codebook_model(path: Path, vocab_size: int, num_codes: int = 300, k: int = 2,
+                             seed: int = 0):
+    """A 2-layer d32 GPT-NeoX with attention-head and MLP codebooks, saved to ``path``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from codebook import CodebookConfig, CodebookModel
+
+    torch.manual_seed(seed)
+    cfg = AutoConfig.for_model("gpt_neox", vocab_size=vocab_size, hidden_size=32,
+                               num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                               max_position_embeddings=256)
+    model = CodebookModel(AutoModelForCausalLM.from_config(cfg),
+                          CodebookConfig(sites=["attn_heads", "mlp"], num_codes=num_codes, k=k))
+    model.save_pretrained(path)
+    return model.eval()

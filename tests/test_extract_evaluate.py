@@ -1,0 +1,201 @@
+"""Code extraction into a Parquet store and codes-vs-neurons evaluation, on a real local Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from corpus_helpers import make_corpus, save_bpe_tokenizer, save_tiny_codebook_model
+from train_helpers import REPO
+
+from codebook import read_codes
+from codebook.analysis.classifiers import codes_vs_neurons
+from codebook.analysis.features import RegexFeature, shard_regex_labels
+from codebook.errors import ConfigError
+from codebook.extraction import read_documents
+from codebook.model import CodebookModel
+from codebook.store import CodeStore, list_to_numpy
+from pipelines import evaluate as evaluate_cli
+from pipelines import extract as extract_cli
+
+pytestmark = pytest.mark.slow
+BLOCK = 64
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("extract")
+    texts = make_corpus(root / "corpus")
+    tok = save_bpe_tokenizer(texts, root / "tok")
+    save_tiny_codebook_model(root / "model", len(tok))
+    tok.save_pretrained(str(root / "model"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    from pipelines.launch import init_ray
+
+    init_ray()
+    yield
+    ray.shutdown()
+
+
+def extract_args(workdir: Path, out: Path, *extra: str) -> list[str]:
+    return ["--model", str(workdir / "model"), "--source", "text", "--paths",
+            str(workdir / "corpus"), "--out", str(out), "--block-size", str(BLOCK),
+            "--docs-per-shard", "5", "--activations", "mlp_1", *extra]
+
+
+@pytest.fixture(scope="module")
+def store(workdir, ray_session) -> CodeStore:
+    summary = extract_cli.main(extract_args(workdir, workdir / "store"))
+    assert summary["complete"] and summary["shards_done_now"] == summary["shards"] == 5
+    return CodeStore(workdir / "store")
+
+
+def all_rows(store: CodeStore) -> pa.Table:
+    return pa.concat_tables(list(store.iter_shards())).sort_by(
+        [("doc_id", "ascending"), ("position", "ascending")])
+
+
+# ---------------------------------------------------------------------- extraction
+def test_store_round_trips_the_codes_the_model_produced(store, workdir):
+    model = CodebookModel.from_pretrained(workdir / "model").eval()
+    rows = all_rows(store)
+    docs = rows.column("doc_id").to_numpy()
+    checked = 0
+    for doc in (0, 7, 23):
+        sel = np.flatnonzero(docs == doc)
+        ids = rows.column("token_id").to_numpy()[sel]
+        assert np.array_equal(rows.column("position").to_numpy()[sel], np.arange(len(sel)))
+        for start in range(0, len(ids), BLOCK):  # the windows extraction used
+            window = torch.as_tensor(ids[start : start + BLOCK], dtype=torch.long)[None]
+            rec = read_codes(model, window, activations=True)
+            for site, info in store.meta.sites.items():
+                stored = list_to_numpy(rows.column(f"codes.{site}"))[sel][start : start + BLOCK]
+                expect = rec.codes[site][0].reshape(len(window[0]), info.width).numpy()
+                assert np.array_equal(stored.astype(np.int64), expect), (doc, site)
+            acts = list_to_numpy(rows.column("acts.mlp_1"))[sel][start : start + BLOCK]
+            np.testing.assert_allclose(acts.astype(np.float32), rec.activations["mlp_1"][0],
+                                       rtol=1e-2, atol=1e-3)
+            checked += 1
+    assert checked >= 3
+    # the smallest integer type: 300 codes -> uint16, i.e. 2*k bytes per token per codebook
+    col = rows.column("codes.mlp_0")
+    assert col.type.value_type == pa.uint16()
+    info = store.meta.sites["mlp_0"]
+    assert col.nbytes / rows.num_rows == 2 * info.k
+    # per-code statistics add up to tokens x k per codebook
+    stats = store.code_stats()
+    mlp0 = stats.filter(pa.compute.equal(stats["site"], "mlp_0"))
+    assert pa.compute.sum(mlp0["count"]).as_py() == rows.num_rows * info.k
+    assert pa.compute.max(mlp0["documents"]).as_py() <= 24
+    meta = json.loads((store.root / "store.json").read_text())
+    assert meta["tokenizer"] and meta["model"] and meta["source"]["kind"] == "text"
+    assert pq.read_schema(store.shard_files()[0]).metadata[b"codebook.store"]
+
+
+def test_rerun_skips_finished_shards_and_mismatched_options_are_refused(store, workdir):
+    again = extract_cli.main(extract_args(workdir, workdir / "store"))
+    assert again["shards_skipped"] == 5 and again["shards_done_now"] == 0
+    with pytest.raises(SystemExit, match="different"):
+        extract_cli.main(extract_args(workdir, workdir / "store", "--sites", "mlp_0"))
+    with pytest.raises(SystemExit, match="--activations.*unknown sites"):
+        extract_cli.main(extract_args(workdir, workdir / "other", "--activations", "mlp_9"))
+
+
+def test_interrupted_extraction_resumes_with_identical_output(store, workdir, tmp_path):
+    out = tmp_path / "store"
+    cmd = [sys.executable, "pipelines/extract.py",
+           *extract_args(workdir, out, "--docs-per-shard", "1")]
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                 start_new_session=True)
+        deadline = time.time() + 180
+        while time.time() < deadline and not list((out / "tokens").glob("shard-*.parquet")):
+            time.sleep(0.05)
+        os.killpg(first.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        first.wait()
+    done_before = len(list((out / "tokens").glob("shard-*.parquet")))
+    assert 1 <= done_before < 24, (tmp_path / "first.log").read_text()[-2000:]
+    (out / "tokens" / ".shard-00023.parquet.abc.tmp").write_bytes(b"half a shard")  # a torn write
+    second = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
+    summary = json.loads(second.stdout.strip().splitlines()[-1])
+    assert summary["complete"] and summary["shards_skipped"] >= done_before
+    resumed = all_rows(CodeStore(out))
+    keys = resumed.column("doc_id").to_numpy() * 10_000 + resumed.column("position").to_numpy()
+    assert len(np.unique(keys)) == resumed.num_rows  # no duplicates
+    assert resumed.equals(all_rows(store))  # the same rows as one uninterrupted run
+
+
+# ---------------------------------------------------------------------- evaluation
+def test_evaluate_matches_the_in_process_classifier_and_reports_unmatched(
+        store, workdir, tmp_path, capsys):
+    features = tmp_path / "features.yaml"
+    features.write_text("- {name: never, regex: 'zzzqqq(x)'}\n"
+                        "- {name: dragons, regex: '\\b(dragon)\\b', ignore_case: true}\n")
+    summary = evaluate_cli.main(["--store", str(store.root), "--features", str(features),
+                                 "--min-recall", "0.1", "--out", str(tmp_path / "eval")])
+    err = capsys.readouterr().err
+    assert "feature 'never' matched no token" in err
+    assert summary["skipped_features"] == ["never"]  # every default feature occurs
+    assert summary["features"] >= 8 and summary["tokens"] == all_rows(store).num_rows
+    assert 0 < summary["code_precision_mean"] <= 1
+    assert summary["neuron_precision_mean"] is not None
+    assert (tmp_path / "eval" / "results.csv").is_file()
+    assert (tmp_path / "eval" / "code_vs_neuron_precision.png").stat().st_size > 1000
+    # Ground truth: the single-process classifier on all rows at once, for one site.
+    results = pq.read_table(tmp_path / "eval" / "results.parquet").to_pylist()
+    row = next(r for r in results if r["feature"] == "months" and r["site"] == "mlp_1")
+    rows = all_rows(store)
+    from codebook.data.text import load_tokenizer
+
+    docs = rows.column("doc_id").to_numpy()
+    texts = read_documents(store.meta.source, 0, int(docs.max()) + 1)
+    labels = shard_regex_labels(load_tokenizer(store.meta.tokenizer), texts, 0, docs,
+                                rows.column("position").to_numpy(),
+                                rows.column("token_id").to_numpy(),
+                                [RegexFeature("months", evaluate_cli_months())])[:, 0]
+    assert labels.sum() == row["positives"] > 0
+    truth = codes_vs_neurons(list_to_numpy(rows.column("codes.mlp_1")).astype(np.int64),
+                             list_to_numpy(rows.column("acts.mlp_1")).astype(np.float32),
+                             np.where(labels, 0, -1), 300, 1, min_recall=0.1)
+    assert row["code"] == f"0:{truth['code'][0]}"
+    assert row["code_precision"] == pytest.approx(truth["code_precision"][0])
+    assert row["neuron_precision"] == pytest.approx(truth["neuron_precision"][0])
+
+
+def evaluate_cli_months() -> str:
+    from codebook.analysis.features import DEFAULT_FEATURES
+
+    return next(f.regex for f in DEFAULT_FEATURES if f.name == "months")
+
+
+def test_corrupt_or_foreign_shard_is_named_before_any_work(store, tmp_path):
+    bad = tmp_path / "store"
+    shutil.copytree(store.root, bad)
+    victim = bad / "tokens" / "shard-00002.parquet"
+    victim.write_bytes(victim.read_bytes()[:100])  # truncated
+    with pytest.raises(SystemExit, match="shard-00002.parquet.*cannot read it as Parquet"):
+        evaluate_cli.main(["--store", str(bad)])
+    pq.write_table(pa.table({"text": ["not ours"]}), victim)  # foreign
+    with pytest.raises(SystemExit, match="shard-00002.parquet: is not a shard of this code store"):
+        evaluate_cli.main(["--store", str(bad)])
+    with pytest.raises(ConfigError, match="not a code store"):
+        CodeStore(tmp_path)
