@@ -74,13 +74,7 @@ def make_setup(root: Path, docs: int, quick: bool) -> Path:
 def plain_loop(args_ns, threads: int) -> dict:
     """The same shards in one process, one after another."""
     from codebook.data.text import load_tokenizer
-    from codebook.extraction import (
-        extract_windows,
-        load_extraction_model,
-        read_documents,
-        tokenise_documents,
-    )
-    from codebook.store import token_table
+    from codebook.extraction import extract_to_store, load_extraction_model, shard_windows
     from pipelines.extract import prepare, steady_rate
 
     torch.set_num_threads(threads)
@@ -91,13 +85,9 @@ def plain_loop(args_ns, threads: int) -> dict:
     t0 = time.perf_counter()
     finished = []
     for shard in pending:
-        docs = read_documents(meta.source, shard["start"], shard["stop"])
-        windows = tokenise_documents(docs, shard["start"], tokenizer, meta.block_size)
-        res = extract_windows(model, windows, list(meta.sites), meta.activation_sites,
-                              args_ns.batch_size)
-        table = token_table(res["doc_id"], res["position"], res["token_id"], res["codes"], meta)
-        store.write_shard(shard["shard"], table)
-        finished.append((time.perf_counter() - t0, table.num_rows))
+        windows = shard_windows(meta.source, shard, tokenizer, meta.block_size)
+        tokens = extract_to_store(model, store, shard["shard"], windows, args_ns.batch_size)
+        finished.append((time.perf_counter() - t0, tokens))
     return {"tokens_per_s": steady_rate(finished), "first_shard_s": round(finished[0][0], 2),
             "store": store}
 

@@ -297,3 +297,24 @@ def load_extraction_model(model_path: str, device: str = "cpu") -> Any:
     model = CodebookModel.from_pretrained(model_path).to(device).eval()
     model.set_step(trained_steps(model_path))
     return model
+
+
+def shard_windows(source: dict[str, Any], shard: dict[str, int], tokenizer: Any,
+                  block_size: int) -> dict[str, np.ndarray]:
+    """Read a shard's documents and cut them into model windows."""
+    docs = read_documents(source, shard["start"], shard["stop"])
+    return tokenise_documents(docs, shard["start"], tokenizer, block_size)
+
+
+def extract_to_store(model: Any, store: Any, shard: int, windows: dict[str, np.ndarray],
+                     batch_size: int = 8, device: torch.device | str = "cpu") -> int:
+    """Run the model over one shard's windows and write the shard; returns its token count."""
+    from codebook.store import token_table
+
+    meta = store.meta
+    res = extract_windows(model, windows, list(meta.sites), meta.activation_sites, batch_size,
+                          device)
+    table = token_table(res["doc_id"], res["position"], res["token_id"], res["codes"], meta,
+                        res["acts"])
+    store.write_shard(shard, table)
+    return table.num_rows

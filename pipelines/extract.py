@@ -87,12 +87,12 @@ class _ReadTokenise:
         self.tokenizer = load_tokenizer(tokenizer) if source["kind"] != "fsm" else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        from codebook.extraction import read_documents, tokenise_documents
+        from codebook.extraction import shard_windows
 
         out: dict[str, list] = {"shard": [], **{k: [] for k in WINDOW_KEYS}}
         for shard, start, stop in zip(batch["shard"], batch["start"], batch["stop"], strict=True):
-            docs = read_documents(self.source, int(start), int(stop))
-            windows = tokenise_documents(docs, int(start), self.tokenizer, self.block_size)
+            windows = shard_windows(self.source, {"start": int(start), "stop": int(stop)},
+                                    self.tokenizer, self.block_size)
             out["shard"].append(int(shard))
             for k in WINDOW_KEYS:
                 out[k].append(windows[k])
@@ -116,22 +116,17 @@ class _ExtractShard:
         self.batch_size = batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        from codebook.extraction import extract_windows
-        from codebook.store import token_table
+        from codebook.extraction import extract_to_store
 
-        meta = self.store.meta
         out: dict[str, list] = {"shard": [], "tokens": [], "seconds": []}
         for i, shard in enumerate(batch["shard"]):
             t0 = time.perf_counter()
             windows = {k: np.asarray(batch[k][i]) for k in WINDOW_KEYS}
-            windows["input_ids"] = windows["input_ids"].reshape(-1, meta.block_size)
-            res = extract_windows(self.model, windows, list(meta.sites), meta.activation_sites,
-                                  self.batch_size, self.device)
-            table = token_table(res["doc_id"], res["position"], res["token_id"], res["codes"],
-                                meta, res["acts"])
-            self.store.write_shard(int(shard), table)
+            windows["input_ids"] = windows["input_ids"].reshape(-1, self.store.meta.block_size)
+            tokens = extract_to_store(self.model, self.store, int(shard), windows,
+                                      self.batch_size, self.device)
             out["shard"].append(int(shard))
-            out["tokens"].append(table.num_rows)
+            out["tokens"].append(tokens)
             out["seconds"].append(time.perf_counter() - t0)
         return out
 

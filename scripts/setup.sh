@@ -20,3 +20,17 @@ PIP=("${VENV}/bin/python" -m pip --disable-pip-version-check)
 "${VENV}/bin/python" -c "import torch" 2>/dev/null || "${PIP[@]}" install -q "${TORCH_SPEC}"
 "${PIP[@]}" install -q -e ".[dev]"
 "${VENV}/bin/python" -c "import codebook, torch, ray, deepspeed, mlflow; print('codebook installed:', 'torch', torch.__version__, 'ray', ray.__version__)"
+
+# The code browser's tests drive a real headless Chromium: Debian's chromium + chromium-driver.
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  if command -v apt-get >/dev/null; then
+    SUDO=""
+    [[ "$(id -u)" -ne 0 ]] && command -v sudo >/dev/null && SUDO="sudo"
+    echo "installing chromium + chromium-driver (Debian) for the browser tests"
+    ${SUDO} apt-get update -q >/dev/null || true
+    DEBIAN_FRONTEND=noninteractive ${SUDO} apt-get install -y -q chromium chromium-driver \
+      >/dev/null || echo "WARNING: could not install chromium; tests/test_browser.py will fail"
+  else
+    echo "WARNING: no apt-get: install chromium and chromedriver for tests/test_browser.py"
+  fi
+fi

@@ -65,3 +65,22 @@ def save_tiny_codebook_model(path: Path, vocab_size: int, num_codes: int = 300, 
                           CodebookConfig(sites=["attn_heads", "mlp"], num_codes=num_codes, k=k))
     model.save_pretrained(path)
     return model.eval()
+
+
+def build_store(model_dir: Path, corpus: Path, out: Path, *extra: str):
+    """A complete code store made in this process (no Ray): the pipeline's own prepare step,
+    then every shard through the library's extraction functions."""
+    from codebook.data.text import load_tokenizer
+    from codebook.extraction import extract_to_store, load_extraction_model, shard_windows
+    from pipelines.extract import parse_args, prepare
+
+    args = parse_args(["--model", str(model_dir), "--source", "text", "--paths", str(corpus),
+                       "--out", str(out), "--block-size", "64", "--docs-per-shard", "6", *extra])
+    store, model_path, pending = prepare(args)
+    model = load_extraction_model(model_path)
+    tokenizer = load_tokenizer(store.meta.tokenizer)
+    for shard in pending:
+        windows = shard_windows(store.meta.source, shard, tokenizer, store.meta.block_size)
+        extract_to_store(model, store, shard["shard"], windows)
+    store.finalize_stats()
+    return store

@@ -1,0 +1,210 @@
+"""Topic steering: find each topic's codes automatically, then generate with them switched on.
+
+    python pipelines/steer.py --model RUN/checkpoint_xxx --tokenizer data/tokenizers/gpt2-bpe \\
+        --topics configs/steer_topics.yaml
+
+The topics file (YAML)::
+
+    prompts: ["Once upon a time", "The"]          # or --prompts
+    background_files: [data/text/shakespeare]      # or background_texts: [...]
+    topics:
+      - name: dragon
+        regex: '\\bdragons?\\b'                     # matched case-insensitively
+        topic_texts: ["The dragon breathed fire ...", ...]   # or topic_files: [...]
+
+For each topic: the codes most enriched on its texts against the background (log-odds), then N
+baseline and N steered samples per prompt (the same seeds), the fraction matching the regex, and
+the perplexity of both under the model with its codebooks off (a fluency check). Samples and the
+table go to MLflow; the last line printed is JSON with per-topic ``baseline_rate``,
+``steered_rate`` and ``codes_used``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script or a Ray job
+
+import yaml  # noqa: E402
+
+from codebook.errors import ConfigError  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True,
+                   help="training checkpoint, its hf/ folder, a saved codebook model, or an "
+                        "MLflow URI such as runs:/<run_id>/model")
+    p.add_argument("--tokenizer", help="default: the model folder")
+    p.add_argument("--topics", required=True, help="topics YAML (see the module docstring)")
+    p.add_argument("--prompts", nargs="*", help="overrides the topics file's prompts")
+    p.add_argument("--samples", type=int, default=10, help="samples per prompt, per condition")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--codes", type=int, default=10, help="codes per topic")
+    p.add_argument("--min-count", type=int, default=2, help="topic firings a code needs")
+    p.add_argument("--sites", nargs="*", help="sites to take codes from (default: all)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="steering", help="folder for samples and the table")
+    p.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else "
+                                          "sqlite in --out)")
+    p.add_argument("--experiment", default="codebook-steering")
+    return p.parse_args(argv)
+
+
+def _texts(spec: dict[str, Any], key: str, where: str) -> list[str]:
+    from codebook.data.text import expand_paths
+
+    texts = [str(t) for t in spec.get(f"{key}_texts") or []]
+    files = spec.get(f"{key}_files") or []
+    if files:
+        texts += [Path(f).read_text(errors="replace")
+                  for f in expand_paths([str(f) for f in files], (".txt", ".md", ".text"))]
+    if not any(t.strip() for t in texts):
+        raise ConfigError(f"{where}.{key}_texts", "empty",
+                          f"give {key}_texts or {key}_files with some text")
+    return texts
+
+
+def load_topics(path: str, prompts: list[str] | None) -> dict[str, Any]:
+    """Read and check the topics file before any model is loaded."""
+    try:
+        spec = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError("--topics", f"cannot read {path}: {err}", "pass a YAML file") from err
+    if not isinstance(spec, dict) or not isinstance(spec.get("topics"), list) or \
+            not spec["topics"]:
+        raise ConfigError("--topics", f"{path} has no 'topics' list",
+                          "see pipelines/steer.py's docstring for the format")
+    prompts = prompts if prompts is not None else [str(p) for p in spec.get("prompts") or []]
+    if not prompts:
+        raise ConfigError("prompts", "no prompts", "add prompts: [...] or pass --prompts")
+    background = _texts(spec, "background", "topics file")
+    topics = []
+    for i, t in enumerate(spec["topics"]):
+        where = f"topics[{i}]"
+        if not isinstance(t, dict) or not t.get("name") or not t.get("regex"):
+            raise ConfigError(where, f"got {t!r}", "each topic needs name and regex")
+        try:
+            pattern = re.compile(str(t["regex"]), re.IGNORECASE)
+        except re.error as err:
+            raise ConfigError(f"{where}.regex", str(err), "fix the pattern") from err
+        topics.append({"name": str(t["name"]), "regex": pattern,
+                       "topic_texts": _texts(t, "topic", where)})
+    return {"prompts": prompts, "background": background, "topics": topics}
+
+
+def run(args: argparse.Namespace, spec: dict[str, Any], model: Any, tokenizer: Any
+        ) -> dict[str, Any]:
+    """Find codes, generate, score; returns the table rows and all samples."""
+    from codebook.steering import find_topic_codes, generate, perplexity
+
+    def rate(samples, pattern) -> float:
+        return sum(bool(pattern.search(s["text"])) for s in samples) / len(samples)
+
+    def fluency(samples) -> float | None:
+        with model.codebooks_disabled():
+            return perplexity(model, tokenizer, [s["prompt"] + s["text"] for s in samples])
+
+    gen = {"samples": args.samples, "max_new_tokens": args.max_new_tokens,
+           "temperature": args.temperature, "seed": args.seed}
+    baseline = generate(model, tokenizer, spec["prompts"], **gen)
+    baseline_ppl = fluency(baseline)
+    rows, samples = [], [{**s, "topic": None, "condition": "baseline"} for s in baseline]
+    for topic in spec["topics"]:
+        codes = find_topic_codes(model, tokenizer, topic["topic_texts"], spec["background"],
+                                 args.sites, top=args.codes, min_count=args.min_count)
+        if not codes:
+            print(f"topic {topic['name']!r}: no code is enriched on its texts; skipped",
+                  file=sys.stderr, flush=True)
+        steered = generate(model, tokenizer, spec["prompts"], codes=codes, **gen) if codes \
+            else []
+        samples += [{**s, "topic": topic["name"], "condition": "steered"} for s in steered]
+        rows.append({
+            "topic": topic["name"], "regex": topic["regex"].pattern,
+            "baseline_rate": rate(baseline, topic["regex"]),
+            "steered_rate": rate(steered, topic["regex"]) if steered else None,
+            "codes_used": [c["name"] for c in codes],
+            "baseline_perplexity": baseline_ppl,
+            "steered_perplexity": fluency(steered) if steered else None,
+        })
+    return {"rows": rows, "samples": samples}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    out = Path(args.out).expanduser().resolve()
+    try:
+        spec = load_topics(args.topics, args.prompts)
+        for name, value in (("--samples", args.samples), ("--codes", args.codes),
+                            ("--max-new-tokens", args.max_new_tokens)):
+            if value < 1:
+                raise ConfigError(name, f"must be >= 1, got {value}", "pass a positive number")
+        from codebook.data.text import load_tokenizer
+        from codebook.extraction import load_extraction_model, resolve_model
+
+        uri = (args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+               or f"sqlite:///{out / 'mlflow.db'}")
+        model_path = resolve_model(args.model, out / "model", uri)
+        tokenizer = load_tokenizer(args.tokenizer or model_path)
+        model = load_extraction_model(model_path)
+        if args.sites:
+            for s in args.sites:
+                model.site(s)
+    except ConfigError as err:
+        sys.exit(f"config error: {err}")
+    started = time.perf_counter()
+    result = run(args, spec, model, tokenizer)
+    summary = write_outputs(result, out, uri, args, model_path)
+    summary["minutes"] = round((time.perf_counter() - started) / 60, 2)
+    print(json.dumps(summary), flush=True)
+    return summary
+
+
+def write_outputs(result: dict[str, Any], out: Path, uri: str, args: argparse.Namespace,
+                  model_path: str) -> dict[str, Any]:
+    """samples.jsonl, steering.csv/.json to ``out`` and to one MLflow run."""
+    import csv
+    import io
+
+    from codebook.io import atomic_write
+    from codebook.tracking import MLflowLogger, finish_run, start_run
+
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_write(out / "samples.jsonl") as fh:
+        for s in result["samples"]:
+            fh.write(json.dumps(s) + "\n")
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(result["rows"][0]))
+    writer.writeheader()
+    for row in result["rows"]:
+        writer.writerow({**row, "codes_used": " ".join(row["codes_used"])})
+    with atomic_write(out / "steering.csv") as fh:
+        fh.write(buf.getvalue())
+    with atomic_write(out / "steering.json") as fh:
+        json.dump(result["rows"], fh, indent=2)
+    params = {"model": model_path, "samples": str(args.samples), "codes": str(args.codes),
+              "max_new_tokens": str(args.max_new_tokens), "seed": str(args.seed),
+              "topics": args.topics}
+    run_id = start_run(uri, args.experiment, f"steer-{Path(args.topics).stem}", params, {})
+    metrics = {}
+    for row in result["rows"]:
+        for key in ("baseline_rate", "steered_rate", "steered_perplexity"):
+            if row[key] is not None:
+                metrics[f"{row['topic']}/{key}"] = row[key]
+    MLflowLogger(uri, run_id).log(0, metrics)
+    finish_run(uri, run_id, artifacts={"steering": out / "steering.csv",
+                                       "samples": out / "samples.jsonl"})
+    return {"topics": result["rows"], "samples": len(result["samples"]),
+            "mlflow_run_id": run_id, "out": str(out)}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""Code search over a store, topic codes, steered generation and pipelines/steer.py."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from corpus_helpers import build_store, make_corpus, save_bpe_tokenizer, save_tiny_codebook_model
+
+from codebook.analysis.search import CodeRef, StoreSearch
+from codebook.data.text import load_tokenizer
+from codebook.errors import ConfigError
+from codebook.extraction import load_extraction_model
+from codebook.steering import find_topic_codes, generate, rank_topic_codes
+from codebook.store import list_to_numpy
+from pipelines import steer as steer_cli
+
+MONTHS = r"\b(January|February|March|April|May|June|July|August|September|October|November|December)\b"  # noqa: E501
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("search")
+    texts = make_corpus(root / "corpus")
+    tok = save_bpe_tokenizer(texts, root / "tok")
+    save_tiny_codebook_model(root / "model", len(tok))
+    tok.save_pretrained(str(root / "model"))
+    store = build_store(root / "model", root / "corpus", root / "store")
+    return {"root": root, "store": store, "search": StoreSearch(store)}
+
+
+def rows(store) -> pa.Table:
+    return pa.concat_tables(list(store.iter_shards()))
+
+
+# ---------------------------------------------------------------------- search
+def test_codes_for_token_reports_recall_and_precision_of_each_code(setup):
+    search, table = setup["search"], rows(setup["store"])
+    tid = search.token_id(" May")
+    found = search.codes_for_token(" May", ["mlp_1"], top=5)
+    assert found and found == sorted(found, key=lambda r: -r["recall"])
+    ref = CodeRef.parse(found[0]["code"])
+    codes = list_to_numpy(table.column("codes.mlp_1")).reshape(-1, 1, 2)[:, ref.group]
+    fires = (codes == ref.code).any(axis=1)
+    on_token = table.column("token_id").to_numpy() == tid
+    assert found[0]["recall"] == pytest.approx((fires & on_token).sum() / on_token.sum())
+    assert found[0]["precision"] == pytest.approx((fires & on_token).sum() / fires.sum())
+    with pytest.raises(ConfigError, match="not one"):
+        search.codes_for_token(" January February")
+
+
+def test_codes_for_regex_ranks_by_precision_at_min_recall(setup):
+    found = setup["search"].codes_for_regex(MONTHS, min_recall=0.05, top=10)
+    assert found and all(r["recall"] >= 0.05 for r in found)
+    keys = [(-r["precision"], -r["recall"]) for r in found]
+    assert keys == sorted(keys)
+    assert setup["search"].codes_for_regex(r"zzzqqq") == []
+    with pytest.raises(ConfigError, match="invalid regex"):
+        setup["search"].codes_for_regex("(unclosed")
+
+
+def test_contexts_highlight_a_token_where_the_code_fires(setup):
+    search, table = setup["search"], rows(setup["store"])
+    ref = CodeRef.parse(search.codes_for_token(" May", ["attn_heads_1"], top=1)[0]["code"])
+    contexts = search.contexts(ref, n=6, window=4)
+    assert 1 <= len(contexts) <= 6
+    docs, pos = table.column("doc_id").to_numpy(), table.column("position").to_numpy()
+    codes = list_to_numpy(table.column("codes.attn_heads_1")).reshape(-1, 4, 2)
+    tokens = table.column("token_id").to_numpy()
+    for ctx in contexts:
+        i = np.flatnonzero((docs == ctx["doc_id"]) & (pos == ctx["position"]))[0]
+        assert ref.code in codes[i, ref.group]
+        assert ctx["tokens"][ctx["highlight"]] == search.piece(int(tokens[i]))
+
+
+def test_similar_codes_are_nearest_by_cosine(setup):
+    search = setup["search"]
+    ref = CodeRef("mlp_0", 0, 5)
+    similar = search.similar_codes(ref, top=3)
+    vecs = search.codebook("mlp_0")[0]
+    unit = vecs / np.linalg.norm(vecs, axis=1, keepdims=True)
+    sims = unit @ unit[5]
+    sims[5] = -np.inf
+    assert [CodeRef.parse(s["code"]).code for s in similar] == list(np.argsort(-sims)[:3])
+
+
+def test_bad_code_references_get_clear_errors(setup):
+    search = setup["search"]
+    with pytest.raises(ConfigError, match="site.group.code"):
+        CodeRef.parse("mlp_0-5")
+    with pytest.raises(ConfigError, match="unknown sites"):
+        search.check(CodeRef("mlp_7", 0, 1))
+    with pytest.raises(ConfigError, match="out of range"):
+        search.check(CodeRef("mlp_0", 0, 300))
+    with pytest.raises(ConfigError, match="groups 0..3"):
+        search.check(CodeRef("attn_heads_0", 4, 1))
+
+
+# ---------------------------------------------------------------------- topics and steering
+def test_topic_finder_ranks_a_planted_code_first():
+    rng = np.random.default_rng(0)
+    background = rng.poisson(20, 500)
+    topic = rng.poisson(2, 500)  # same code rates on 10x fewer tokens
+    topic[137] = 60  # the planted topic code
+    ranked = rank_topic_codes(topic, background, topic_tokens=1000, background_tokens=10_000)
+    assert ranked[0]["index"] == 137 and ranked[0]["score"] > ranked[1]["score"]
+    assert ranked[0]["recall"] == pytest.approx(0.06)
+
+
+@pytest.fixture(scope="module")
+def model_and_tok(setup):
+    model_dir = setup["root"] / "model"
+    return load_extraction_model(str(model_dir)), load_tokenizer(str(model_dir))
+
+
+def test_forcing_a_code_changes_greedy_generation_deterministically(model_and_tok):
+    model, tok = model_and_tok
+    norms = model.codebooks["mlp_1"].codes[0].norm(dim=-1)
+    code = {"site": "mlp_1", "group": 0, "code": int(norms.argmax())}
+    kwargs = {"max_new_tokens": 12, "do_sample": False}
+    base = generate(model, tok, ["the king went"], **kwargs)[0]["text"]
+    steered = generate(model, tok, ["the king went"], codes=[code], **kwargs)[0]["text"]
+    again = generate(model, tok, ["the king went"], codes=[code], **kwargs)[0]["text"]
+    assert steered == again and steered != base
+    assert generate(model, tok, ["the king went"], **kwargs)[0]["text"] == base  # removed
+
+
+def test_topic_codes_and_steering_reject_bad_input(model_and_tok):
+    model, tok = model_and_tok
+    with pytest.raises(ConfigError, match="topic_texts"):
+        find_topic_codes(model, tok, ["  "], ["the king"])
+    with pytest.raises(ConfigError, match="unknown site"):
+        find_topic_codes(model, tok, ["dragon"], ["the king"], sites=["mlp_9"])
+    with pytest.raises(ConfigError, match="out of range"):
+        generate(model, tok, ["the"], codes=[{"site": "mlp_1", "group": 0, "code": 10**6}])
+    found = find_topic_codes(model, tok, ["dragon fire dragon castle dragon"] * 3,
+                             ["the king went to Boston with Bob"] * 3, top=4, min_count=1)
+    assert 1 <= len(found) <= 4 and all(f["score"] > 0 for f in found)
+    assert torch.is_grad_enabled()
+
+
+def test_steer_pipeline_reports_rates_and_logs_samples(setup, tmp_path):
+    topics = tmp_path / "topics.yaml"
+    topics.write_text(
+        "prompts: ['the king', 'in May']\n"
+        f"background_files: ['{setup['root'] / 'corpus'}']\n"
+        "topics:\n"
+        "  - {name: dragon, regex: '\\bdragons?\\b', topic_texts: ['the dragon and the dragon "
+        "fire dragon river']}\n")
+    summary = steer_cli.main(["--model", str(setup["root"] / "model"), "--topics", str(topics),
+                              "--samples", "2", "--max-new-tokens", "8", "--codes", "3",
+                              "--out", str(tmp_path / "out")])
+    (row,) = summary["topics"]
+    assert row["topic"] == "dragon" and 1 <= len(row["codes_used"]) <= 3
+    assert 0 <= row["baseline_rate"] <= 1 and 0 <= row["steered_rate"] <= 1
+    assert row["steered_perplexity"] > 1 and row["baseline_perplexity"] > 1
+    samples = [json.loads(x) for x in (tmp_path / "out" / "samples.jsonl").read_text().split("\n")
+               if x]
+    assert len(samples) == 2 * 2 * 2  # prompts x samples x (baseline, steered)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
+    names = {a.path for a in client.list_artifacts(summary["mlflow_run_id"], "samples")}
+    assert "samples/samples.jsonl" in names
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("prompts: [a]\nbackground_texts: [b]\ntopics:\n  - {name: x, regex: 'x', "
+                   "topic_texts: ['']}\n")
+    with pytest.raises(SystemExit, match=r"topics\[0\].topic_texts"):
+        steer_cli.main(["--model", str(setup["root"] / "model"), "--topics", str(bad)])
