@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from corpus_helpers import save_bpe_tokenizer
 from train_helpers import FSM_CONFIG, tiny_overrides
 
 EOS = "<eos>"
@@ -22,16 +23,7 @@ TEXTS = [
 
 def build_tokenizer(path: Path) -> str:
     """A byte-level BPE (lossless round trip) with an EOS token, saved as a HF tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=[EOS], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(TEXTS * 4, trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS).save_pretrained(str(path))
+    save_bpe_tokenizer(TEXTS * 4, path, vocab_size=320)
     return str(path)
 
 
