@@ -265,6 +265,20 @@ def test_intervention_experiment_moves_towards_b(fsm, tokens) -> None:
     assert res["all"]["jsd_normalised"] != pytest.approx(res["clean"]["jsd_normalised"])
 
 
+def test_intervention_patches_every_digit_of_the_state(fsm, tokens) -> None:
+    model = make_model(fsm, code_std=1.0)
+    kw = dict(targets_per_pair=3, seed=1)
+    pairs = [(0, 11), (3, 10), (10, 4)]  # first digits differ ("00" vs "11", ...)
+    both = A.intervention_experiment(model, fsm, tokens, pairs, **kw)
+    last = A.intervention_experiment(model, fsm, tokens, pairs, patch_digits=1, **kw)
+    assert both["clean"] == last["clean"]  # same targets, same unpatched reference
+    # The first digit's codes feed the next prediction through attention: patching them too
+    # changes the result.
+    assert both["all"]["jsd_normalised"] != pytest.approx(last["all"]["jsd_normalised"])
+    with pytest.raises(ValueError, match="patch_digits"):
+        A.intervention_experiment(model, fsm, tokens, [(0, 5)], patch_digits=3, **kw)
+
+
 def test_select_pairs() -> None:
     rng = np.random.default_rng(0)
     pairs, mode = A.select_pairs({"s": [1, 2, 3], "t": [3, 9]}, range(10), 100, rng)
