@@ -239,6 +239,26 @@ def steady_rate(finished: list[tuple[float, int]]) -> float | None:
     return round(sum(n for _, n in finished[1:]) / (finished[-1][0] - finished[0][0]), 1)
 
 
+def log_run(store: CodeStore, summary: dict[str, Any], uri: str) -> str:
+    """One MLflow run per extraction command: what was read, what was written, how fast."""
+    from codebook.tracking import MLflowLogger, finish_run, start_run
+
+    meta = store.meta
+    params = {"model": meta.model, "tokenizer": str(meta.tokenizer),
+              "source": meta.source["kind"], "sites": ",".join(meta.sites),
+              "activation_sites": ",".join(meta.activation_sites),
+              "block_size": str(meta.block_size), "shards": str(meta.num_shards),
+              "documents": str(meta.num_documents)}
+    run_id = start_run(uri, "codebook-extract", f"extract-{store.root.name}", params,
+                       {"store": str(store.root)})
+    metrics = {k: summary[k] for k in ("tokens_extracted_now", "tokens_per_s",
+                                       "steady_tokens_per_s", "shards_done_now",
+                                       "shards_skipped") if summary.get(k) is not None}
+    MLflowLogger(uri, run_id).log(0, metrics)
+    finish_run(uri, run_id)
+    return run_id
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     try:
@@ -255,6 +275,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     finally:
         if started:
             ray.shutdown()
+    summary["mlflow_run_id"] = log_run(store, summary, _tracking_uri(args, store.root))
     print(json.dumps({k: v for k, v in summary.items() if k != "shard_finish"}), flush=True)
     return summary
 

@@ -64,6 +64,12 @@ def extract_args(workdir: Path, out: Path, *extra: str) -> list[str]:
 def store(workdir, ray_session) -> CodeStore:
     summary = extract_cli.main(extract_args(workdir, workdir / "store"))
     assert summary["complete"] and summary["shards_done_now"] == summary["shards"] == 5
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(f"sqlite:///{workdir / 'store' / 'mlflow.db'}").get_run(
+        summary["mlflow_run_id"])
+    assert run.data.metrics["tokens_extracted_now"] == summary["tokens_extracted_now"] > 0
+    assert run.data.params["source"] == "text"
     return CodeStore(workdir / "store")
 
 
