@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -121,3 +123,22 @@ def test_plan_shards_and_windows():
     assert w["doc_id"].tolist() == [7, 7, 8, 8]
     assert w["start"].tolist() == [0, 3, 0, 3] and w["length"].tolist() == [3, 2, 3, 2]
     assert w["input_ids"][1].tolist() == [3, 4, 0]
+
+
+def test_models_resolve_from_mlflow_runs_checkpoints_and_folders(tmp_path):
+    from corpus_helpers import save_tiny_codebook_model
+
+    from codebook.extraction import resolve_model
+    from codebook.tracking import finish_run, start_run
+
+    save_tiny_codebook_model(tmp_path / "ckpt" / "hf", vocab_size=40, num_codes=16)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = start_run(uri, "e", "r", {}, {})
+    finish_run(uri, run_id, artifacts={"model": tmp_path / "ckpt" / "hf"})
+    local = resolve_model(f"runs:/{run_id}/model", tmp_path / "dl", uri)
+    assert (Path(local) / "codebook_config.json").is_file()
+    assert resolve_model(str(tmp_path / "ckpt"), tmp_path / "x") == str(tmp_path / "ckpt" / "hf")
+    with pytest.raises(ConfigError, match="no codebook_config.json"):
+        resolve_model(str(tmp_path), tmp_path / "x")
+    with pytest.raises(ConfigError, match="cannot download"):
+        resolve_model("runs:/0123456789abcdef/model", tmp_path / "dl2", uri)
