@@ -4,8 +4,8 @@
         --out stores/shakespeare
     python pipelines/extract.py --model runs:/<mlflow-run-id>/model --source parquet \\
         --paths corpus/ --activations attn_heads_0 --out stores/corpus
-    python pipelines/extract.py --model RUN/analysis/../checkpoint --source fsm \\
-        --fsm-file RUN/analysis/fsm.json --out stores/fsm
+    python pipelines/extract.py --model RUN_DIR/checkpoint_xxx --source fsm \\
+        --fsm-file RUN_DIR/analysis/fsm.json --out stores/fsm
 
 Ray Data streams shards (fixed groups of documents) through read+tokenise actors into an actor
 pool of models (one GPU per actor when the cluster has GPUs, otherwise CPUs); each model actor
