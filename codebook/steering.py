@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -69,25 +69,34 @@ def count_codes(model: CodebookModel, tokenizer: Any, texts: Sequence[str], site
 
 
 def find_topic_codes(model: CodebookModel, tokenizer: Any, topic_texts: Sequence[str],
-                     background_texts: Sequence[str], sites: list[str] | None = None,
-                     top: int = 10, min_count: int = 2, block_size: int = 256
-                     ) -> list[dict[str, Any]]:
+                     background: Sequence[str] | tuple[dict[str, np.ndarray], int],
+                     sites: list[str] | None = None, top: int = 10, min_count: int = 2,
+                     block_size: int = 256) -> list[dict[str, Any]]:
     """The ``top`` codes most enriched on the topic over all ``sites``: dicts with ``site``,
-    ``group``, ``code``, ``name`` (``site.group.code``) and the scores of ``rank_topic_codes``."""
+    ``group``, ``code``, ``name`` (``site.group.code``) and the scores of ``rank_topic_codes``.
+
+    ``background`` is texts, or ``count_codes``' result for them (count once, reuse per topic).
+    """
     if not any(t.strip() for t in topic_texts):
         raise ConfigError("topic_texts", "empty", "give at least one text about the topic")
-    if not any(t.strip() for t in background_texts):
-        raise ConfigError("background_texts", "empty", "give background text to compare with")
     sites = list(model.codebooks) if sites is None else list(sites)
     for s in sites:
         model.site(s)  # clear error for unknown sites
+    if isinstance(background, tuple):
+        counts, n_background = background
+        missing = [s for s in sites if s not in counts]
+        if missing:
+            raise ConfigError("background", f"no background counts for sites {missing}",
+                              "count the background at the same sites")
+    else:
+        if not any(t.strip() for t in background):
+            raise ConfigError("background_texts", "empty", "give background text to compare with")
+        counts, n_background = count_codes(model, tokenizer, background, sites, block_size)
     topic, n_topic = count_codes(model, tokenizer, topic_texts, sites, block_size)
-    background, n_background = count_codes(model, tokenizer, background_texts, sites,
-                                           block_size)
     found = []
     for s in sites:
         num_codes = model.codebooks[s].num_codes
-        for row in rank_topic_codes(topic[s], background[s], n_topic, n_background, min_count,
+        for row in rank_topic_codes(topic[s], counts[s], n_topic, n_background, min_count,
                                     top):
             group, code = divmod(row.pop("index"), num_codes)
             found.append({"site": s, "group": group, "code": code,
@@ -105,11 +114,13 @@ def codes_by_site(codes: Sequence[dict[str, Any]]) -> dict[str, dict[int, list[i
 
 
 @contextmanager
-def steered(model: CodebookModel, codes: Sequence[dict[str, Any]]) -> Iterator[None]:
-    """Force ``codes`` (dicts with site, group, code) on at every position, in add mode."""
+def steered(model: CodebookModel, codes: Sequence[dict[str, Any]],
+            mode: Literal["add", "replace"] = "add") -> Iterator[None]:
+    """Force ``codes`` (dicts with site, group, code) on at every position: added to the
+    chosen codes (``add``), or as the only codes of their groups (``replace``)."""
     with ExitStack() as stack:
         for site, per_group in codes_by_site(codes).items():
-            stack.enter_context(force_codes(model, site, per_group, mode="add"))
+            stack.enter_context(force_codes(model, site, per_group, mode=mode))
         yield
 
 
@@ -117,7 +128,7 @@ def steered(model: CodebookModel, codes: Sequence[dict[str, Any]]) -> Iterator[N
 def generate(model: CodebookModel, tokenizer: Any, prompts: Sequence[str], samples: int = 1,
              max_new_tokens: int = 40, codes: Sequence[dict[str, Any]] = (),
              do_sample: bool = True, temperature: float = 1.0, top_k: int | None = 50,
-             seed: int = 0) -> list[dict[str, Any]]:
+             seed: int = 0, mode: Literal["add", "replace"] = "add") -> list[dict[str, Any]]:
     """``samples`` continuations per prompt, with ``codes`` forced on (none: baseline).
 
     Seeded per (prompt, sample), so baseline and steered samples share their random draws.
@@ -127,7 +138,7 @@ def generate(model: CodebookModel, tokenizer: Any, prompts: Sequence[str], sampl
         raise ConfigError("prompts", "empty", "give at least one prompt")
     device = next(model.parameters()).device
     out = []
-    with steered(model, codes):
+    with steered(model, codes, mode):
         for p_i, prompt in enumerate(prompts):
             ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
             if ids.shape[1] == 0:

@@ -50,6 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--codes", type=int, default=10, help="codes per topic")
     p.add_argument("--min-count", type=int, default=2, help="topic firings a code needs")
     p.add_argument("--sites", nargs="*", help="sites to take codes from (default: all)")
+    p.add_argument("--mode", choices=["add", "replace"], default="add",
+                   help="add the topic codes to the chosen ones, or make them the only codes "
+                        "of their heads/groups")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="steering", help="folder for samples and the table")
@@ -104,7 +107,7 @@ def load_topics(path: str, prompts: list[str] | None) -> dict[str, Any]:
 def run(args: argparse.Namespace, spec: dict[str, Any], model: Any, tokenizer: Any
         ) -> dict[str, Any]:
     """Find codes, generate, score; returns the table rows and all samples."""
-    from codebook.steering import find_topic_codes, generate, perplexity
+    from codebook.steering import count_codes, find_topic_codes, generate, perplexity
 
     def rate(samples, pattern) -> float:
         return sum(bool(pattern.search(s["text"])) for s in samples) / len(samples)
@@ -116,16 +119,18 @@ def run(args: argparse.Namespace, spec: dict[str, Any], model: Any, tokenizer: A
     gen = {"samples": args.samples, "max_new_tokens": args.max_new_tokens,
            "temperature": args.temperature, "seed": args.seed}
     baseline = generate(model, tokenizer, spec["prompts"], **gen)
+    sites = args.sites or list(model.codebooks)
+    background = count_codes(model, tokenizer, spec["background"], sites)  # once for all topics
     baseline_ppl = fluency(baseline)
     rows, samples = [], [{**s, "topic": None, "condition": "baseline"} for s in baseline]
     for topic in spec["topics"]:
-        codes = find_topic_codes(model, tokenizer, topic["topic_texts"], spec["background"],
-                                 args.sites, top=args.codes, min_count=args.min_count)
+        codes = find_topic_codes(model, tokenizer, topic["topic_texts"], background, sites,
+                                 top=args.codes, min_count=args.min_count)
         if not codes:
             print(f"topic {topic['name']!r}: no code is enriched on its texts; skipped",
                   file=sys.stderr, flush=True)
-        steered = generate(model, tokenizer, spec["prompts"], codes=codes, **gen) if codes \
-            else []
+        steered = generate(model, tokenizer, spec["prompts"], codes=codes, mode=args.mode,
+                           **gen) if codes else []
         samples += [{**s, "topic": topic["name"], "condition": "steered"} for s in steered]
         rows.append({
             "topic": topic["name"], "regex": topic["regex"].pattern,
@@ -191,6 +196,7 @@ def write_outputs(result: dict[str, Any], out: Path, uri: str, args: argparse.Na
     with atomic_write(out / "steering.json") as fh:
         json.dump(result["rows"], fh, indent=2)
     params = {"model": model_path, "samples": str(args.samples), "codes": str(args.codes),
+              "mode": args.mode,
               "max_new_tokens": str(args.max_new_tokens), "seed": str(args.seed),
               "topics": args.topics}
     run_id = start_run(uri, args.experiment, f"steer-{Path(args.topics).stem}", params, {})

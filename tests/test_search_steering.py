@@ -14,7 +14,7 @@ from codebook.analysis.search import CodeRef, StoreSearch
 from codebook.data.text import load_tokenizer
 from codebook.errors import ConfigError
 from codebook.extraction import load_extraction_model
-from codebook.steering import find_topic_codes, generate, rank_topic_codes
+from codebook.steering import count_codes, find_topic_codes, generate, rank_topic_codes
 from codebook.store import list_to_numpy
 from pipelines import steer as steer_cli
 
@@ -125,6 +125,9 @@ def test_forcing_a_code_changes_greedy_generation_deterministically(model_and_to
     steered = generate(model, tok, ["the king went"], codes=[code], **kwargs)[0]["text"]
     again = generate(model, tok, ["the king went"], codes=[code], **kwargs)[0]["text"]
     assert steered == again and steered != base
+    replaced = generate(model, tok, ["the king went"], codes=[code], mode="replace", **kwargs)
+    assert replaced == generate(model, tok, ["the king went"], codes=[code], mode="replace",
+                                **kwargs) and replaced[0]["text"] != base
     assert generate(model, tok, ["the king went"], **kwargs)[0]["text"] == base  # removed
 
 
@@ -139,6 +142,10 @@ def test_topic_codes_and_steering_reject_bad_input(model_and_tok):
     found = find_topic_codes(model, tok, ["dragon fire dragon castle dragon"] * 3,
                              ["the king went to Boston with Bob"] * 3, top=4, min_count=1)
     assert 1 <= len(found) <= 4 and all(f["score"] > 0 for f in found)
+    counted = count_codes(model, tok, ["the king went to Boston with Bob"] * 3,
+                          list(model.codebooks))  # background counted once, reused per topic
+    assert find_topic_codes(model, tok, ["dragon fire dragon castle dragon"] * 3, counted,
+                            top=4, min_count=1) == found
     assert torch.is_grad_enabled()
 
 
