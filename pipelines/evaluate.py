@@ -284,9 +284,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         store, files, features, names, sites = prepare(args)
     except ConfigError as err:
         sys.exit(f"config error: {err}")
-    import ray
-
-    from pipelines.launch import init_ray
+    from pipelines.launch import init_ray, shutdown_ray
 
     started = init_ray()
     try:
@@ -298,7 +296,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sys.exit(f"config error: {cause}")
     finally:
         if started:
-            ray.shutdown()
+            shutdown_ray()
     for name in result["skipped"]:
         print(f"feature {name!r} matched no token in {result['tokens']} tokens: skipped",
               file=sys.stderr, flush=True)

@@ -265,16 +265,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         store, model_path, pending = prepare(args)
     except ConfigError as err:
         sys.exit(f"config error: {err}")
-    import ray
-
-    from pipelines.launch import init_ray
+    from pipelines.launch import init_ray, shutdown_ray
 
     started = init_ray()
     try:
         summary = run_extraction(store, model_path, pending, args)
     finally:
         if started:
-            ray.shutdown()
+            shutdown_ray()
     summary["mlflow_run_id"] = log_run(store, summary, _tracking_uri(args, store.root))
     print(json.dumps({k: v for k, v in summary.items() if k != "shard_finish"}), flush=True)
     return summary

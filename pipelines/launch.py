@@ -361,5 +361,19 @@ def init_ray() -> bool:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        os.environ[_OWNED_API_ADDRESS] = "1"
         ray.init(address="local", dashboard_host="127.0.0.1", dashboard_port=port)
     return True
+
+
+_OWNED_API_ADDRESS = "CODEBOOK_SET_RAY_API_SERVER_ADDRESS"
+
+
+def shutdown_ray() -> None:
+    """Stop this process's Ray and forget the API address ``init_ray`` pinned for it, so a
+    later ``ray`` CLI call or cluster in this process does not talk to the dead dashboard."""
+    import ray
+
+    ray.shutdown()
+    if os.environ.pop(_OWNED_API_ADDRESS, None):
+        os.environ.pop("RAY_API_SERVER_ADDRESS", None)

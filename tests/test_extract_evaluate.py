@@ -45,13 +45,11 @@ def workdir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def ray_session():
-    import ray
-
-    from pipelines.launch import init_ray
+    from pipelines.launch import init_ray, shutdown_ray
 
     init_ray()
     yield
-    ray.shutdown()
+    shutdown_ray()
 
 
 def extract_args(workdir: Path, out: Path, *extra: str) -> list[str]:
