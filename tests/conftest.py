@@ -43,3 +43,18 @@ def family(request) -> str:
 @pytest.fixture
 def tokens() -> torch.Tensor:
     return torch.randint(1, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory) -> str:
+    """A tiny byte-level BPE with an EOS token, saved as a HF tokenizer folder."""
+    from text_helpers import build_tokenizer
+
+    return build_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tok_dir):
+    from codebook.data.text import load_tokenizer
+
+    return load_tokenizer(tok_dir)

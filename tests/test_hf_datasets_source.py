@@ -15,22 +15,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from text_helpers import build_tokenizer, lines, text_config
+from text_helpers import lines, text_config
 
 from codebook.errors import ConfigError
 from codebook.training.loop import HF_DIR, STATE_FILE
-
-
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory) -> str:
-    return build_tokenizer(tmp_path_factory.mktemp("tokenizer"))
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tok_dir):
-    from codebook.data.text import load_tokenizer
-
-    return load_tokenizer(tok_dir)
 
 
 @pytest.fixture(scope="module")

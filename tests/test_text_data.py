@@ -12,21 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from text_helpers import EOS, TEXTS, build_tokenizer, lines, text_config
+from text_helpers import EOS, TEXTS, lines, text_config
 from train_helpers import REPO
 
 from codebook.data.text import expand_paths, load_tokenizer, pack_batch
 from codebook.errors import ConfigError
-
-
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory) -> str:
-    return build_tokenizer(tmp_path_factory.mktemp("tokenizer"))
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tok_dir):
-    return load_tokenizer(tok_dir)
 
 
 # ---------------------------------------------------------------------- pack_batch
