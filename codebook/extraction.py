@@ -8,6 +8,7 @@ documents ``[i * docs_per_shard, (i + 1) * docs_per_shard)``, so a rerun finds t
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,6 +90,7 @@ def describe_corpus(corpus: Corpus) -> dict[str, Any]:
                       "use text, parquet, hf or fsm")
 
 
+@functools.lru_cache(maxsize=2)  # once per process, not once per shard
 def _load_hf(name: str | None, config: str | None, split: str) -> Any:
     if not name:
         raise ConfigError("--hf-dataset", "missing", "name a dataset or a local data folder")

@@ -70,9 +70,7 @@ class _ShardLabeller:
             self.tokenizer = load_tokenizer(meta.tokenizer)
 
     def labelled(self, path: str, need_labels: bool = True):
-        from codebook.analysis.features import shard_regex_labels
-        from codebook.analysis.store_eval import fsm_labels
-        from codebook.extraction import read_documents
+        from codebook.analysis.store_eval import fsm_labels, regex_labels
 
         table = self.store.read_shard(path)
         if self.fsm is not None:
@@ -81,12 +79,7 @@ class _ShardLabeller:
         mask = np.ones(table.num_rows, dtype=bool)
         if not need_labels:
             return table, None, mask
-        docs = table.column("doc_id").to_numpy()
-        first, last = int(docs.min()), int(docs.max())
-        texts = read_documents(self.store.meta.source, first, last + 1)
-        labels = shard_regex_labels(self.tokenizer, texts, first, docs,
-                                    table.column("position").to_numpy(),
-                                    table.column("token_id").to_numpy(), self.features, path)
+        labels = regex_labels(table, self.store.meta.source, self.tokenizer, self.features, path)
         return table, labels, mask
 
 

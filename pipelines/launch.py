@@ -350,19 +350,18 @@ def init_ray() -> bool:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"])
         return True
-    else:
-        # A new local cluster for this process (RAY_ADDRESS=auto joins a running one). Its
-        # dashboard address is pinned for the workers: Ray Train's PlacementGroupCleaner finds
-        # the cluster through the state API and, with another Ray instance on the machine,
-        # cannot tell which is ours.
-        import socket
+    # A new local cluster for this process (RAY_ADDRESS=auto joins a running one). Its
+    # dashboard address is pinned for the workers: Ray Train's PlacementGroupCleaner finds
+    # the cluster through the state API and, with another Ray instance on the machine,
+    # cannot tell which is ours.
+    import socket
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-        os.environ[_OWNED_API_ADDRESS] = "1"
-        ray.init(address="local", dashboard_host="127.0.0.1", dashboard_port=port)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    os.environ[_OWNED_API_ADDRESS] = "1"
+    ray.init(address="local", dashboard_host="127.0.0.1", dashboard_port=port)
     return True
 
 

@@ -47,6 +47,7 @@ class StoreSearch:
         self.meta = self.store.meta
         self._tokenizer: Any = None
         self._pieces: dict[int, str] = {}
+        self._stats: Any = None
 
     # ---------------------------------------------------------------- helpers
     def check(self, ref: CodeRef) -> CodeRef:
@@ -96,8 +97,9 @@ class StoreSearch:
         """(groups, num_codes) how many tokens each code fired on."""
         self._sites([site])
         info = self.meta.sites[site]
-        stats = self.store.code_stats().to_pandas()
-        stats = stats[stats["site"] == site]
+        if self._stats is None:  # read once: the browser asks on every request
+            self._stats = self.store.code_stats().to_pandas()
+        stats = self._stats[self._stats["site"] == site]
         out = np.zeros((info.groups, info.num_codes), dtype=np.int64)
         out[stats["group"].to_numpy(), stats["code"].to_numpy()] = stats["count"].to_numpy()
         return out
@@ -169,19 +171,13 @@ class StoreSearch:
         return rows[:top]
 
     def _labels(self, table, features) -> tuple[np.ndarray, np.ndarray]:
-        from codebook.analysis.features import shard_regex_labels
-        from codebook.extraction import read_documents
+        from codebook.analysis.store_eval import regex_labels
 
-        docs = table.column("doc_id").to_numpy()
-        if self.tokenizer is None:  # FSM: regex over the tokens written as digits
+        if self.tokenizer is None:  # FSM: there is no text to match
             raise ConfigError("regex", "this store has no tokenizer (FSM tokens)",
                               "search FSM stores by token id or state with evaluate.py")
-        first, last = int(docs.min()), int(docs.max())
-        texts = read_documents(self.meta.source, first, last + 1)
-        labels = shard_regex_labels(self.tokenizer, texts, first, docs,
-                                    table.column("position").to_numpy(),
-                                    table.column("token_id").to_numpy(), features)
-        return labels[:, 0], np.ones(len(docs), dtype=bool)
+        labels = regex_labels(table, self.meta.source, self.tokenizer, features)
+        return labels[:, 0], np.ones(table.num_rows, dtype=bool)
 
     def contexts(self, ref: CodeRef, n: int = 20, window: int = 10) -> list[dict[str, Any]]:
         """Up to ``n`` places where the code fires (at most 3 per document, spread over the

@@ -39,6 +39,19 @@ def fsm_labels(table: pa.Table, fsm: Any) -> tuple[np.ndarray, np.ndarray]:
     return labels, labels >= 0
 
 
+def regex_labels(table: pa.Table, source: dict[str, Any], tokenizer: Any, features: list,
+                 where: str = "shard") -> np.ndarray:
+    """(T, features) bool labels of a shard's tokens, from re-reading its source documents."""
+    from codebook.analysis.features import shard_regex_labels
+    from codebook.extraction import read_documents
+
+    docs = table.column("doc_id").to_numpy()
+    first, last = int(docs.min()), int(docs.max())
+    texts = read_documents(source, first, last + 1)
+    return shard_regex_labels(tokenizer, texts, first, docs, table.column("position").to_numpy(),
+                              table.column("token_id").to_numpy(), features, where)
+
+
 def _label_ids(labels: np.ndarray) -> np.ndarray:
     """Labels as ids for ``code_feature_stats``: (T,) ints, or (T, F) bool -> (T, F) ids."""
     if labels.dtype == bool:
