@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from codebook.errors import ConfigError
-from codebook.interventions import force_codes
+from codebook.interventions import steering
 from codebook.model import CodebookModel
 
 
@@ -118,9 +118,7 @@ def steered(model: CodebookModel, codes: Sequence[dict[str, Any]],
             mode: Literal["add", "replace"] = "add") -> Iterator[None]:
     """Force ``codes`` (dicts with site, group, code) on at every position: added to the
     chosen codes (``add``), or as the only codes of their groups (``replace``)."""
-    with ExitStack() as stack:
-        for site, per_group in codes_by_site(codes).items():
-            stack.enter_context(force_codes(model, site, per_group, mode=mode))
+    with steering(model, codes_by_site(codes), mode=mode):
         yield
 
 

@@ -40,7 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-workers", type=int)
     p.add_argument("--eval-sequences", type=int, default=None,
                    help="held-out sequences for the analysis (default: data.eval_blocks)")
-    p.add_argument("--max-pairs", type=int, default=20, help="state pairs for interventions")
+    p.add_argument("--max-pairs", type=int, default=2000,
+                   help="(a, b) state pairs for the interventions")
     return p.parse_args(argv)
 
 

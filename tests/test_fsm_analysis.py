@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from codebook import CodebookConfig, CodebookModel, disable_codes, force_codes, read_codes
+from codebook import CodebookConfig, CodebookModel, disable_codes, force_codes
 from codebook.analysis import fsm as A
 from codebook.analysis.classifiers import neuron_precision_at_recall
 from codebook.analysis.plots import plot_code_vs_neuron_precision, plot_intervention_by_site
@@ -220,63 +220,42 @@ def test_best_neurons_match_the_reference(integer: bool) -> None:
 
 
 # ---------------------------------------------------------------------- interventions
-@pytest.mark.parametrize("kv_cache", [True, False])
-def test_patch_with_natural_codes_changes_nothing_and_foreign_codes_do(
-    fsm, tokens, kv_cache: bool
-) -> None:
-    model = make_model(fsm, code_std=1.0)  # large codes: the patched site dominates
-    tok = torch.as_tensor(tokens[:8])
-    pos = np.array([2, 4, 6, 8, 2, 4, 6, 8])
-    kw = dict(batch_tokens=60, kv_cache=kv_cache)  # several rows of mixed positions per pass
-    natural = read_codes(model, tok).codes
-    clean = A.next_state_scores(model, fsm, tok, pos, **kw)
-    same = A.next_state_scores(model, fsm, tok, pos, patch=natural, **kw)
-    np.testing.assert_allclose(same, clean, atol=1e-6)
-
-    site = "attn_heads_1"
-    donor = natural[site].roll(1, dims=0)  # codes of another sequence
-    patched = natural[site].clone()
-    idx = torch.arange(8)
-    patched[idx, torch.as_tensor(pos)] = donor[idx, torch.as_tensor(pos)]
-    changed = A.next_state_scores(model, fsm, tok, pos, patch={site: patched}, **kw)
-    differs = (patched[idx, torch.as_tensor(pos)] != natural[site][idx, torch.as_tensor(pos)])
-    moved = np.abs(changed - clean).max(axis=1) > 1e-4
-    assert moved.any()
-    np.testing.assert_array_equal(moved, differs.flatten(1).any(1).numpy())
-
-    # Same result as force_codes(replace) at that single position, row by row.
-    for i in range(3):
-        forced = {g: [int(c)] for g, c in enumerate(patched[i, pos[i], :, 0])}
-        with force_codes(model, site, forced, positions=[int(pos[i])], mode="replace"):
-            ref = A.next_state_scores(model, fsm, tok[i : i + 1], pos[i])
-        np.testing.assert_allclose(changed[i], ref[0], atol=1e-6)
+METRICS = ("success_rate", "mean_overlap", "overlap_with_a", "agreement_with_b",
+           "jsd_normalised", "next_token_jsd_normalised")
 
 
-def test_intervention_experiment_moves_towards_b(fsm, tokens) -> None:
+def test_patching_a_states_own_codes_changes_nothing(fsm) -> None:
     model = make_model(fsm, code_std=1.0)
-    res = A.intervention_experiment(model, fsm, tokens, [(0, 5), (3, 7), (5, 0)],
-                                    targets_per_pair=3, seed=1)
-    assert res["pairs"] == [(0, 5), (3, 7), (5, 0)] and res["n"] == 9
+    res = A.intervention_experiment(model, fsm, [(3, 3), (5, 5), (10, 10)])
+    for metrics in [res["clean"], *res["by_span"].values(), *res["by_site"].values()]:
+        assert metrics["jsd_normalised"] == pytest.approx(0.0, abs=1e-9)
+        assert metrics["next_token_jsd_normalised"] == pytest.approx(0.0, abs=1e-9)
+        assert metrics["agreement_with_b"] == 1.0
+        assert metrics["success_rate"] == res["b_itself"]["success_rate"]
+
+
+def test_patching_b_codes_moves_the_prediction_towards_b(fsm) -> None:
+    model = make_model(fsm, code_std=1.0)  # large codes: the codebooks dominate the residual
+    pairs = [(a, b) for a in range(fsm.num_states) for b in range(fsm.num_states) if a != b]
+    res = A.intervention_experiment(model, fsm, pairs, batch_tokens=500)  # several passes
+    assert res["n"] == len(pairs) and res["pairs"] == pairs
     assert set(res["by_site"]) == set(model.codebooks)
-    for metrics in [res["clean"], res["all"], *res["by_site"].values()]:
-        for key in ("success_rate", "mean_overlap", "overlap_with_a", "jsd_normalised"):
-            assert 0.0 <= metrics[key] <= 1.0
-    # Patching every site at once changes the next-state distribution.
-    assert res["all"]["jsd_normalised"] != pytest.approx(res["clean"]["jsd_normalised"])
-
-
-def test_intervention_patches_every_digit_of_the_state(fsm, tokens) -> None:
-    model = make_model(fsm, code_std=1.0)
-    kw = dict(targets_per_pair=3, seed=1)
-    pairs = [(0, 11), (3, 10), (10, 4)]  # first digits differ ("00" vs "11", ...)
-    both = A.intervention_experiment(model, fsm, tokens, pairs, **kw)
-    last = A.intervention_experiment(model, fsm, tokens, pairs, patch_digits=1, **kw)
-    assert both["clean"] == last["clean"]  # same targets, same unpatched reference
-    # The first digit's codes feed the next prediction through attention: patching them too
-    # changes the result.
-    assert both["all"]["jsd_normalised"] != pytest.approx(last["all"]["jsd_normalised"])
-    with pytest.raises(ValueError, match="patch_digits"):
-        A.intervention_experiment(model, fsm, tokens, [(0, 5)], patch_digits=3, **kw)
+    assert set(res["by_span"]) == {"last", "state", "state+next"}
+    for metrics in [res["clean"], res["b_itself"], *res["by_span"].values(),
+                    *res["by_site"].values()]:
+        for key in METRICS:
+            assert 0.0 <= metrics[key] <= 1.0, key
+    clean, full = res["clean"], res["by_span"]["state+next"]
+    assert full["jsd_normalised"] < 0.5 * clean["jsd_normalised"]
+    assert full["agreement_with_b"] > clean["agreement_with_b"]
+    assert full["overlap_with_a"] < clean["overlap_with_a"]
+    # the last digit's codes carry the next-token prediction made there
+    last = res["by_span"]["last"]
+    assert last["next_token_jsd_normalised"] < 0.5 * clean["next_token_jsd_normalised"]
+    # later digits are predicted at the next state's positions: covering them matters
+    assert full["jsd_normalised"] < last["jsd_normalised"]
+    with pytest.raises(ValueError, match="at least one"):
+        A.intervention_experiment(model, fsm, [])
 
 
 def test_select_pairs() -> None:
@@ -293,13 +272,18 @@ FRACTIONS = [
     "first_transition_accuracy", "transition_accuracy_all_positions", "code_precision_mean",
     "code_precision_median", "neuron_precision_mean", "neuron_precision_median",
     "neuron_precision_residual_mean", "intervention_success_rate",
-    "intervention_jsd_normalised",
+    "intervention_jsd_normalised", "intervention_agreement_with_b",
+    "intervention_last_position_next_token_jsd", "intervention_b_itself_success_rate",
 ]
 
 
 def test_run_fsm_analysis_report_and_plots(model, fsm, tokens, tmp_path) -> None:
     report = A.run_fsm_analysis(model, fsm, tokens, max_pairs=4, seed=0,
                                 all_positions_samples=16)
+    assert len(report["intervention_pairs"]) == 4
+    assert set(report["intervention_by_span"]) == {"last", "state", "state+next"}
+    assert report["intervention_success_rate"] == \
+        report["intervention_by_span"]["state+next"]["success_rate"]
     json.dumps(report, allow_nan=False)
     for key in FRACTIONS:
         assert 0.0 <= report[key] <= 1.0, key

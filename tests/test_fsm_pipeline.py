@@ -34,6 +34,9 @@ def test_quick_fsm_experiment_trains_analyses_and_logs(tmp_path):
     assert 0 <= report["neuron_precision_mean"] <= 1
     assert report["states_with_dedicated_code"] >= 1
     assert 0 <= report["intervention_jsd_normalised"] <= 1
+    # patching b's codes at every site moves the prediction towards b's
+    assert report["intervention_jsd_normalised"] < report["intervention_clean_jsd_normalised"]
+    assert report["intervention_agreement_with_b"] > 0.5
     run_dir = next(tmp_path.glob("fsm-quick-*"))
     assert (run_dir / "analysis" / "report.json").is_file()
     assert (run_dir / "analysis" / "code_vs_neuron_precision.png").stat().st_size > 1000

@@ -30,21 +30,23 @@ Conventions
   semantics, computed with one sort per neuron), over (a) the raw inputs of all codebook
   sites concatenated and (b) the residual stream (embedding output plus every layer's output,
   as ``output_hidden_states`` returns them, with the codebooks in effect).
-* Interventions: ordered pairs ``(a, b)`` of distinct states that both have a dedicated code at
-  the same site (``pair_selection="dedicated"``; when no such pair exists, e.g. for an untrained
-  model, random pairs of states that occur are used and ``pair_selection="fallback"``). For a
-  pair, b's codes are read at b's first occurrence (its last digit) in a random eval sequence;
-  targets are up to ``targets_per_pair`` other eval sequences at the first occurrence of ``a``
-  (never the final state, so the next state exists). The codes at the state's positions (all
-  its digits, ``patch_digits``; 1 = only the last digit) are replaced by b's codes at the
-  matching positions of b (``patch_codes``) at one site, or at all sites at once (``"all"``).
-  Patching every digit matters: predicting the next state's later digits attends back to the
-  current state's earlier digits, which a last-digit-only patch leaves as a's. Success:
-  the top-E predicted next states overlap b's E out-neighbours in at least
-  ``success_overlap * E`` states (default 0.9: 9 of 10 in the paper's FSM; all 3 of 3 with
-  three edges); the mean overlap is reported too. JSD: between the intervened next-state
-  distribution and b's own next-state distribution at the source position, divided by ln 2.
-  ``"clean"`` is the same measurement without any patch (the reference).
+* Interventions, on short inputs as in the reference: for an ordered pair ``(a, b)`` of
+  distinct states that both have a dedicated code at the same site (``pair_selection=
+  "dedicated"``; when there is none, e.g. for an untrained model, random pairs and
+  ``"fallback"``), the model reads ``[BOS, digits of a, candidate prefix]``, and the codes at
+  the patched positions are replaced by those it chooses on ``[BOS, digits of b, the same
+  prefix]``: at one site, or at every site. Spans: ``"last"`` (a's last digit: the position
+  that predicts the next state's first digit), ``"state"`` (all of a's digits) and
+  ``"state+next"`` (also the next state's teacher-forced earlier digits, where its later
+  digits are predicted; their codes are computed from the state, and without them layer-0
+  attention there still reads a's digit embeddings, which no codebook covers). The headline
+  is every site over ``"state+next"``. Success: the top-E predicted next states overlap b's E
+  out-neighbours in at least ``success_overlap * E`` states (default 0.9: 9 of 10 in the
+  paper's FSM); also reported: the mean overlap, the overlap with a's out-neighbours, the
+  agreement with the model's own top-E for b, the JSD between the intervened next-state
+  distribution and b's own (divided by ln 2), and the next-token JSD at a's last digit (the
+  reference's measure). ``"clean"`` is the same measurement without a patch, ``"b_itself"``
+  b's own prediction (the ceiling: success cannot beat how well the model knows b).
 """
 
 from __future__ import annotations
@@ -133,6 +135,13 @@ def _overlaps(fsm: TokFSM, scores: np.ndarray, states: np.ndarray) -> np.ndarray
     return fsm.adjacency[np.asarray(states)[:, None], top].sum(axis=1) / e
 
 
+def _top_mask(scores: np.ndarray, e: int) -> np.ndarray:
+    """(n, S) boolean: the top-``e`` entries of each row."""
+    mask = np.zeros(scores.shape, dtype=bool)
+    np.put_along_axis(mask, np.argpartition(-scores, e - 1, axis=1)[:, :e], True, axis=1)
+    return mask
+
+
 def _clean(value: Any) -> Any:
     """JSON-able copy: numpy -> Python, non-finite floats -> None."""
     if isinstance(value, Mapping):
@@ -158,10 +167,8 @@ def next_state_scores(
     tokens: Any,
     positions: Any,
     *,
-    patch: Mapping[str, torch.Tensor] | None = None,
     renormalise: bool = False,
     kv_cache: bool = True,
-    patch_digits: int = 1,
     batch_tokens: int = 1 << 15,
 ) -> np.ndarray:
     """Log-probability of every state being the next one after ``positions``: (n, num_states).
@@ -176,16 +183,7 @@ def next_state_scores(
     key/value cache (the cache repeated per prefix, keys after a row's own position masked out,
     rotary/absolute positions given explicitly): about ``P`` times cheaper than
     ``kv_cache=False``, which runs context + prefix afresh for each of the ``P`` prefixes. Both
-    give the same scores. With the cache, candidate digits are seen by codebook editors at
-    positions ``max(positions in the pass) + 1 ...`` rather than ``position + 1 ...``; this only
-    matters for interventions entered by the caller that target non-state positions.
-
-    ``patch``: optional ``{site: codes (n, T_src, groups, k)}``; the codes at ``site`` are
-    replaced by ``codes[row]`` at the state positions used in the pass (the ``positions`` of
-    its rows). A row's patch must therefore hold its own natural codes at every state position
-    other than its own (``read_codes`` output with the row's position overwritten; see
-    :func:`intervention_experiment`). ``patch_digits`` > 1 also patches the positions of the
-    state's earlier digits. Candidate digits are never patched.
+    give the same scores.
     """
     tok = _tokens(tokens)
     n, seq_len = tok.shape
@@ -214,19 +212,10 @@ def next_state_scores(
                 stop += 1
             chunk = order[start:stop]
             start = stop
-            with ExitStack() as stack:
-                if patch:  # each row's state position and the ``patch_digits - 1`` before it
-                    at = np.unique(pos[chunk][:, None] - np.arange(patch_digits)[None, :])
-                    at = at[at >= 0].tolist()
-                    idx = torch.as_tensor(chunk)
-                    reps = 1 if kv_cache else n_prefix
-                    for site, src in patch.items():
-                        rows_src = src[idx].repeat_interleave(reps, dim=0).to(device)
-                        stack.enter_context(patch_codes(model, site, rows_src, positions=at))
-                if kv_cache:
-                    lp = _cached_pass(model, tok, chunk, pos[chunk], prefixes, d, device, stack)
-                else:
-                    lp = _plain_pass(model, tok, chunk, pos[chunk], prefixes, d, device)
+            if kv_cache:
+                lp = _cached_pass(model, tok, chunk, pos[chunk], prefixes, d, device)
+            else:
+                lp = _plain_pass(model, tok, chunk, pos[chunk], prefixes, d, device)
             c = len(chunk)
             lp = lp.view(c, n_prefix, d, -1)
             total = torch.zeros((c, fsm.num_states), dtype=torch.float64)
@@ -258,11 +247,8 @@ def _plain_pass(model, tok, chunk, cp, prefixes, d, device) -> torch.Tensor:
     return lp.cpu()
 
 
-def _cached_pass(model, tok, chunk, cp, prefixes, d, device, stack: ExitStack) -> torch.Tensor:
-    """(c * P, D, V) log-probs: the contexts once, then every prefix from the repeated cache.
-
-    ``stack`` holds the patch contexts; it is closed before the prefix pass (whose batch is P
-    times larger, and whose positions are never patched)."""
+def _cached_pass(model, tok, chunk, cp, prefixes, d, device) -> torch.Tensor:
+    """(c * P, D, V) log-probs: the contexts once, then every prefix from the repeated cache."""
     n_prefix = len(prefixes)
     c = len(chunk)
     length = int(cp.max()) + 1
@@ -271,7 +257,6 @@ def _cached_pass(model, tok, chunk, cp, prefixes, d, device, stack: ExitStack) -
     res = model.model(input_ids=x, use_cache=d > 1)
     first = res.logits[rows.to(device), torch.as_tensor(cp).to(device)].double().log_softmax(-1)
     first = first.cpu().repeat_interleave(n_prefix, dim=0)[:, None]  # (c*P, 1, V)
-    stack.close()
     if d == 1:
         return first
     cache = res.past_key_values
@@ -640,114 +625,105 @@ def select_pairs(
     return [pool[i] for i in sorted(pick)], mode
 
 
-def _first_occurrences(fsm: TokFSM, tokens: np.ndarray) -> dict[int, list[tuple[int, int]]]:
-    """state -> [(row, position of its first occurrence in the row)], final state excluded."""
-    labels = fsm.state_labels(tokens)
-    state_pos = np.flatnonzero(labels[0] >= 0)[:-1]
-    occ: dict[int, list[tuple[int, int]]] = {}
-    for row in range(tokens.shape[0]):
-        seen: set[int] = set()
-        for p in state_pos:
-            s = int(labels[row, p])
-            if s not in seen:
-                seen.add(s)
-                occ.setdefault(s, []).append((row, int(p)))
-    return occ
+def _state_inputs(fsm: TokFSM, states: np.ndarray, prefixes: np.ndarray) -> torch.Tensor:
+    """Rows ``[BOS, digits of s, candidate prefix q]`` (n * P, 2D); row ``i * P + q``."""
+    digits = fsm.encode_states(np.asarray(states, dtype=np.int64)[:, None])
+    n, n_prefix = len(digits), len(prefixes)
+    bos = np.full((n * n_prefix, 1), fsm.bos_token_id, dtype=np.int64)
+    return torch.as_tensor(np.concatenate(
+        [bos, np.repeat(digits, n_prefix, axis=0), np.tile(prefixes, (n, 1))], axis=1))
+
+
+def _short_scores(model: CodebookModel, fsm: TokFSM, x: torch.Tensor,
+                  patch: Mapping[str, torch.Tensor], positions: Sequence[int],
+                  batch_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """For :func:`_state_inputs` rows: the next-state distribution (n, S) as log-probs
+    conditioned on a valid state following, and the next-token log-probs at the state's last
+    digit (n, V); ``patch`` {site: source codes, row-aligned with ``x``} at ``positions``."""
+    digits, prefixes, prefix_idx = _state_spellings(fsm)
+    n_prefix, d = len(prefixes), fsm.digits_per_state
+    device = _device(model)
+    per_pass = max(1, batch_tokens // (2 * d * n_prefix)) * n_prefix
+    states, tokens = [], []
+    for start in range(0, x.shape[0], per_pass):
+        stop = min(start + per_pass, x.shape[0])
+        with ExitStack() as stack:
+            for site, src in patch.items():
+                stack.enter_context(patch_codes(model, site, src[start:stop].to(device),
+                                                positions=list(positions)))
+            lp = model.model(input_ids=x[start:stop].to(device)).logits
+        lp = lp.double().log_softmax(-1).cpu().view(-1, n_prefix, 2 * d, lp.shape[-1])
+        total = torch.zeros((lp.shape[0], fsm.num_states), dtype=torch.float64)
+        for j in range(d):  # digit j of the next state is predicted at position D + j
+            total += lp[:, torch.as_tensor(prefix_idx), d + j, torch.as_tensor(digits[:, j])]
+        states.append(total.numpy())
+        tokens.append(lp[:, 0, d].numpy())
+    logp = np.concatenate(states)
+    return logp - _logsumexp(logp), np.concatenate(tokens)
 
 
 def intervention_experiment(
     model: CodebookModel,
     fsm: TokFSM,
-    tokens: Any,
     pairs: Sequence[tuple[int, int]],
     sites: Sequence[str] | None = None,
-    targets_per_pair: int = 4,
     success_overlap: float = 0.9,
-    seed: int = 0,
     batch_tokens: int = 1 << 15,
-    patch_digits: int | None = None,
 ) -> dict[str, Any]:
-    """Patch b's codes into sequences at a's position; see the module docstring.
+    """Patch state b's codes into state a's input; see the module docstring.
 
-    Returns ``by_site`` {site: metrics}, ``all`` (every site patched at once), ``clean`` (no
-    patch), ``pairs`` (the pairs used) and ``n`` (target rows); metrics are ``success_rate``,
-    ``mean_overlap`` (with b's out-neighbours), ``overlap_with_a``, ``jsd_normalised`` and
-    ``n``.
+    Returns ``clean`` (no patch), ``by_span`` {span: metrics, every site patched},
+    ``by_site`` {site: metrics, span ``"state+next"``}, ``b_itself`` (b's own unpatched
+    prediction scored the same way: the ceiling), ``pairs`` and ``n``. Metrics:
+    ``success_rate``, ``mean_overlap`` (with b's out-neighbours), ``overlap_with_a``,
+    ``agreement_with_b`` (with the model's own top-E for b), ``jsd_normalised`` (next-state
+    distribution vs b's) and ``next_token_jsd_normalised`` (at the state's last digit).
     """
-    tok = _tokens(tokens)
     names = list(sites) if sites is not None else list(model.codebooks)
-    occ = _first_occurrences(fsm, tok.numpy())
-    rng = np.random.default_rng(seed)
-    used, src, targets, pair_of = [], [], [], []
-    for a, b in pairs:
-        if not occ.get(a) or not occ.get(b):
-            continue
-        s_row, s_pos = occ[b][rng.integers(len(occ[b]))]
-        cands = [o for o in occ[a] if o[0] != s_row] or occ[a]
-        pick = rng.choice(len(cands), size=min(targets_per_pair, len(cands)), replace=False)
-        targets.extend(cands[i] for i in sorted(pick))
-        pair_of.extend([len(used)] * len(pick))
-        src.append((s_row, s_pos))
-        used.append((int(a), int(b)))
-    empty = {"success_rate": math.nan, "mean_overlap": math.nan, "overlap_with_a": math.nan,
-             "jsd_normalised": math.nan, "n": 0}
-    if not used:
-        return {"by_site": {s: dict(empty) for s in names}, "all": dict(empty),
-                "clean": dict(empty), "pairs": [], "n": 0}
-    pair_of_a = np.asarray(pair_of)
-    src_rows = np.asarray([r for r, _ in src])
-    src_pos = np.asarray([p for _, p in src])
-    t_rows = np.asarray([r for r, _ in targets])
-    t_pos = np.asarray([p for _, p in targets])
-    a_state = np.asarray([used[i][0] for i in pair_of_a])
-    b_state = np.asarray([used[i][1] for i in pair_of_a])
-
-    # b's own next-state distribution at its source position.
-    b_logp = next_state_scores(model, fsm, tok[torch.as_tensor(src_rows)], src_pos,
-                               renormalise=True, batch_tokens=batch_tokens)
-    b_probs = np.exp(b_logp)[pair_of_a]
-
-    # Codes of the target rows (natural) and of the sources at b's position.
+    if not pairs:
+        raise ValueError("intervention_experiment needs at least one (a, b) pair")
+    a = np.asarray([int(p[0]) for p in pairs])
+    b = np.asarray([int(p[1]) for p in pairs])
+    _, prefixes, _ = _state_spellings(fsm)
+    d, e = fsm.digits_per_state, fsm.num_edges
+    spans = {"last": [d], "state": list(range(1, d + 1)),
+             "state+next": list(range(1, 2 * d))}
+    x_a, x_b = _state_inputs(fsm, a, prefixes), _state_inputs(fsm, b, prefixes)
     with _eval_mode(model):
-        rows_per_pass = max(1, batch_tokens // tok.shape[1])
-        t_codes = _read_rows(model, tok[torch.as_tensor(t_rows)], names, rows_per_pass)
-        s_codes = _read_rows(model, tok[torch.as_tensor(src_rows)], names, rows_per_pass)
-    patched: dict[str, torch.Tensor] = {}
-    idx = torch.arange(len(t_rows))
-    digits = fsm.digits_per_state if patch_digits is None else patch_digits
-    if not 1 <= digits <= fsm.digits_per_state:
-        raise ValueError(f"patch_digits must be in 1..{fsm.digits_per_state}, got {digits}")
-    for name in names:
-        p = t_codes[name].clone()
-        for d in range(digits):  # the last digit, then the ones before it
-            p[idx, torch.as_tensor(t_pos - d)] = s_codes[name][
-                torch.as_tensor(pair_of_a), torch.as_tensor(src_pos[pair_of_a] - d)]
-        patched[name] = p
+        rows = max(1, batch_tokens // x_b.shape[1])
+        source = _read_rows(model, x_b, names, rows)
+        own, own_token = _short_scores(model, fsm, _state_inputs(
+            fsm, np.arange(fsm.num_states), prefixes), {}, [], batch_tokens)
+        need = _hits_needed(success_overlap, e)
+        own_top = _top_mask(own, e)
 
-    t_tok = tok[torch.as_tensor(t_rows)]
-    e_need = _hits_needed(success_overlap, fsm.num_edges)
+        def metrics(logp: np.ndarray, token_lp: np.ndarray) -> dict[str, Any]:
+            over_b = _overlaps(fsm, logp, b)
+            agree = (_top_mask(logp, e) & own_top[b]).sum(axis=1) / e
+            jsd = normalised_jsd(np.exp(logp), np.exp(own[b]), axis=1)
+            tok_jsd = normalised_jsd(np.exp(token_lp), np.exp(own_token[b]), axis=1)
+            return {
+                "success_rate": float((over_b * e >= need - 1e-9).mean()),
+                "mean_overlap": float(over_b.mean()),
+                "overlap_with_a": float(_overlaps(fsm, logp, a).mean()),
+                "agreement_with_b": float(agree.mean()),
+                "jsd_normalised": float(np.clip(jsd, 0.0, 1.0).mean()),
+                "next_token_jsd_normalised": float(np.clip(tok_jsd, 0.0, 1.0).mean()),
+                "n": len(a),
+            }
 
-    def measure(patch: Mapping[str, torch.Tensor] | None) -> dict[str, Any]:
-        logp = next_state_scores(model, fsm, t_tok, t_pos, patch=patch, renormalise=True,
-                                 batch_tokens=batch_tokens, patch_digits=digits)
-        over_b = _overlaps(fsm, logp, b_state)
-        over_a = _overlaps(fsm, logp, a_state)
-        jsd = normalised_jsd(np.exp(logp), b_probs, axis=1)
+        def measure(patched: Sequence[str], span: str) -> dict[str, Any]:
+            return metrics(*_short_scores(model, fsm, x_a, {s: source[s] for s in patched},
+                                          spans[span], batch_tokens))
+
         return {
-            "success_rate": float((over_b * fsm.num_edges >= e_need - 1e-9).mean()),
-            "mean_overlap": float(over_b.mean()),
-            "overlap_with_a": float(over_a.mean()),
-            "jsd_normalised": float(np.clip(jsd, 0.0, 1.0).mean()),
-            "n": len(t_rows),
+            "clean": measure([], "last"),
+            "by_span": {span: measure(names, span) for span in spans},
+            "by_site": {name: measure([name], "state+next") for name in names},
+            "b_itself": metrics(own[b], own_token[b]),
+            "pairs": [(int(x), int(y)) for x, y in zip(a, b, strict=True)],
+            "n": len(a),
         }
-
-    return {
-        "clean": measure(None),
-        "by_site": {name: measure({name: patched[name]}) for name in names},
-        "all": measure(patched),
-        "pairs": used,
-        "n": len(t_rows),
-    }
 
 
 def _read_rows(model: CodebookModel, tok: torch.Tensor, names: list[str],
@@ -766,10 +742,9 @@ def run_fsm_analysis(
     model: CodebookModel,
     fsm: TokFSM,
     eval_tokens: Any,
-    max_pairs: int = 20,
+    max_pairs: int = 2000,
     seed: int = 0,
     sites: Sequence[str] | None = None,
-    targets_per_pair: int = 4,
     min_recall: float = 0.2,
     dedicated_precision: float = 0.95,
     success_overlap: float = 0.9,
@@ -783,9 +758,13 @@ def run_fsm_analysis(
     ``neuron_precision_{mean,median,frac_ge_095}`` (raw site inputs),
     ``neuron_precision_residual_{mean,median,frac_ge_095}``, ``states_with_dedicated_code``,
     ``intervention_success_rate`` / ``intervention_mean_overlap`` /
-    ``intervention_jsd_normalised`` (all sites patched), ``intervention_clean_*`` (no patch),
-    ``intervention_by_site`` {site: metrics, "all": ...}, ``intervention_pairs``,
-    ``pair_selection``, ``per_state`` (arrays over states for plots), ``settings``.
+    ``intervention_agreement_with_b`` / ``intervention_jsd_normalised`` (every site patched
+    over the span ``"state+next"``), ``intervention_last_position_next_token_jsd`` (every
+    site patched at the last digit only, next-token JSD: the reference's measure),
+    ``intervention_clean_*`` (no patch), ``intervention_b_itself_success_rate`` (the ceiling),
+    ``intervention_by_span``, ``intervention_by_site`` {site: metrics, "all": ...},
+    ``intervention_pairs``, ``pair_selection``, ``per_state`` (arrays over states for plots),
+    ``settings``.
     """
     tok = _tokens(eval_tokens)
     names = list(sites) if sites is not None else list(model.codebooks)
@@ -795,7 +774,7 @@ def run_fsm_analysis(
         "num_edges": fsm.num_edges,
         "sites": names,
         "settings": {
-            "max_pairs": max_pairs, "seed": seed, "targets_per_pair": targets_per_pair,
+            "max_pairs": max_pairs, "seed": seed,
             "min_recall": min_recall, "dedicated_precision": dedicated_precision,
             "success_overlap": success_overlap, "all_positions_samples": all_positions_samples,
         },
@@ -832,24 +811,24 @@ def run_fsm_analysis(
     })
 
     rng = np.random.default_rng(seed)
-    present = sorted(_first_occurrences(fsm, tok.numpy()))
-    pairs, mode = select_pairs(cls["dedicated_by_site"], present, max_pairs, rng)
-    inter = intervention_experiment(model, fsm, tok, pairs, names, targets_per_pair,
-                                    success_overlap, seed, batch_tokens)
-    last_digit = intervention_experiment(model, fsm, tok, pairs, names, targets_per_pair,
-                                         success_overlap, seed, batch_tokens, patch_digits=1)
+    pairs, mode = select_pairs(cls["dedicated_by_site"], range(fsm.num_states), max_pairs, rng)
+    inter = intervention_experiment(model, fsm, pairs, names, success_overlap, batch_tokens)
+    headline = inter["by_span"]["state+next"]
     report.update({
-        "intervention_success_rate": inter["all"]["success_rate"],
-        "intervention_mean_overlap": inter["all"]["mean_overlap"],
-        "intervention_jsd_normalised": inter["all"]["jsd_normalised"],
-        "intervention_last_digit_success_rate": last_digit["all"]["success_rate"],
-        "intervention_last_digit_jsd_normalised": last_digit["all"]["jsd_normalised"],
+        "intervention_success_rate": headline["success_rate"],
+        "intervention_mean_overlap": headline["mean_overlap"],
+        "intervention_agreement_with_b": headline["agreement_with_b"],
+        "intervention_jsd_normalised": headline["jsd_normalised"],
+        "intervention_last_position_next_token_jsd":
+            inter["by_span"]["last"]["next_token_jsd_normalised"],
         "intervention_clean_success_rate": inter["clean"]["success_rate"],
         "intervention_clean_jsd_normalised": inter["clean"]["jsd_normalised"],
-        "intervention_by_site": {**inter["by_site"], "all": inter["all"]},
+        "intervention_b_itself_success_rate": inter["b_itself"]["success_rate"],
+        "intervention_by_span": inter["by_span"],
+        "intervention_by_site": {**inter["by_site"], "all": headline},
         "intervention_clean": inter["clean"],
+        "intervention_b_itself": inter["b_itself"],
         "intervention_pairs": [list(p) for p in inter["pairs"]],
-        "intervention_rows": inter["n"],
         "pair_selection": mode,
     })
     report["per_state"] = {

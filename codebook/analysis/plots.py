@@ -86,7 +86,7 @@ def plot_intervention_by_site(report: Mapping[str, Any],
                               path: str | os.PathLike[str]) -> Path:
     """Success rate, mean top-E overlap with b's out-neighbours and normalised JSD (to b's own
     next-state distribution) per patched site and for all sites at once; the unpatched
-    reference as dashed lines."""
+    reference and b's own success (the ceiling) as dashed lines."""
     by_site = report["intervention_by_site"]
     names = [n for n in by_site if n != "all"] + (["all"] if "all" in by_site else [])
     success = _floats([by_site[n].get("success_rate") for n in names])
@@ -106,13 +106,16 @@ def plot_intervention_by_site(report: Mapping[str, Any],
                               ("jsd_normalised", "C2", "JSD, no patch")):
         if clean.get(key) is not None and np.isfinite(float(clean[key])):
             ax.axhline(float(clean[key]), color=color, ls="--", lw=1, label=label)
+    ceiling = (report.get("intervention_b_itself") or {}).get("success_rate")
+    if ceiling is not None and np.isfinite(float(ceiling)):
+        ax.axhline(float(ceiling), color="C0", ls=":", lw=1.5, label="success of b itself")
     ax.set_xticks(x)
     ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("fraction")
     pairs = report.get("intervention_pairs") or []
-    ax.set_title(f"Patching state b's codes at state a ({len(pairs)} pairs, "
-                 f"{report.get('pair_selection', '?')})")
+    ax.set_title(f"Patching state b's codes into state a ({len(pairs)} pairs, "
+                 f"{report.get('pair_selection', '?')}; span state+next)")
     ax.legend(fontsize=8, loc="upper left")
     return save_figure(fig, path)
 

@@ -72,6 +72,9 @@ class DataSection:
 class OptimSection:
     lr: float = 1e-3
     model_lr_factor: float = 1.0
+    # The base model's factor once the codebooks are on (from codebook.start_step); None keeps
+    # model_lr_factor. A slower base model lets the codes catch up after a plain warm-up phase.
+    codebook_phase_model_lr_factor: float | None = None
     weight_decay: float = 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     schedule: Literal["constant", "cosine"] = "constant"
@@ -169,6 +172,10 @@ class TrainConfig:
                 raise ConfigError(f"optim.{name}", f"got {getattr(o, name)}", "use a value >= 1")
         if o.lr <= 0:
             raise ConfigError("optim.lr", f"got {o.lr}", "use a positive learning rate")
+        for name in ("model_lr_factor", "codebook_phase_model_lr_factor"):
+            value = getattr(o, name)
+            if value is not None and value < 0:
+                raise ConfigError(f"optim.{name}", f"got {value}", "use a factor >= 0")
         if self.deepspeed.zero_stage not in (0, 1, 2, 3):
             raise ConfigError("deepspeed.zero_stage", f"got {self.deepspeed.zero_stage}",
                               "use 0, 1, 2 or 3")

@@ -21,7 +21,8 @@ from codebook.training.config import TrainConfig
 
 
 def param_groups(model: CodebookModel, cfg: TrainConfig) -> list[dict[str, Any]]:
-    """Codebooks: lr, no weight decay. Base model: lr * model_lr_factor (or frozen)."""
+    """Codebooks: lr, no weight decay. Base model: lr, scaled per step by
+    :func:`model_lr_lambda` (or frozen)."""
     o = cfg.optim
     groups = [{"params": model.codebook_parameters(), "lr": o.lr, "weight_decay": 0.0,
                "name": "codebooks"}]
@@ -30,7 +31,7 @@ def param_groups(model: CodebookModel, cfg: TrainConfig) -> list[dict[str, Any]]
             p.requires_grad_(False)
     else:
         groups.append({"params": [p for p in model.base_parameters() if p.requires_grad],
-                       "lr": o.lr * o.model_lr_factor, "weight_decay": o.weight_decay,
+                       "lr": o.lr, "weight_decay": o.weight_decay,
                        "name": "model"})
     return groups
 
@@ -50,10 +51,25 @@ def lr_lambda(cfg: TrainConfig):
     return factor
 
 
+def model_lr_lambda(cfg: TrainConfig):
+    """The base model's multiplier: the schedule times ``model_lr_factor``, or times
+    ``codebook_phase_model_lr_factor`` (when set) from ``codebook.start_step`` on."""
+    o, schedule = cfg.optim, lr_lambda(cfg)
+    start = cfg.codebook_config.start_step
+    after = o.model_lr_factor if o.codebook_phase_model_lr_factor is None \
+        else o.codebook_phase_model_lr_factor
+
+    def factor(step: int) -> float:
+        return schedule(step) * (after if step >= start else o.model_lr_factor)
+
+    return factor
+
+
 def make_optimizer(model: CodebookModel, cfg: TrainConfig):
-    opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.optim.lr,
-                            betas=tuple(cfg.optim.betas))
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    groups = param_groups(model, cfg)
+    opt = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
+    lambdas = [lr_lambda(cfg), model_lr_lambda(cfg)][: len(groups)]
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
 
 
 class TorchEngine:

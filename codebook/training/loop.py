@@ -231,29 +231,46 @@ def save_checkpoint(model: CodebookModel, engine, state: TrainState, workers: Wo
 
 
 # ---------------------------------------------------------------------- codebook maintenance
+# Within a layer, the order in which a block computes its sites.
+_FORWARD_ORDER = {"attn_heads": 0, "attn": 0, "mlp_hidden": 1, "mlp": 2, "block": 3}
+
+
+def forward_order(model: CodebookModel) -> list[str]:
+    """Codebook names in the order the forward pass reaches their sites."""
+    return sorted(model.codebooks,
+                  key=lambda n: (model.sites[n].layer, _FORWARD_ORDER[model.sites[n].kind]))
+
+
 @torch.no_grad()
 def kmeans_init(model: CodebookModel, batches: list[Batch], engine, cfg: TrainConfig,
                 workers: Workers) -> None:
-    """Initialise every codebook by k-means on real activations (rank 0's, broadcast)."""
+    """Initialise the codebooks by k-means on real activations, one site at a time in forward
+    order: each codebook is fitted to the inputs its site gets with the codebooks before it
+    already on, i.e. to what it will see once all are on. (Fitting every site to the plain
+    model's activations lets the quantisation errors compound: on the FSM model that left the
+    LM loss at chance when the codebooks came on.) Rank 0 fits; the codes are broadcast."""
     from codebook.interventions import recording
 
     model.eval()
-    with model.codebooks_disabled(), recording(model, activations=True) as rec:
-        for batch in batches:
-            model(input_ids=_to_device(batch, workers.device)["input_ids"])
     gen = torch.Generator(device=workers.device).manual_seed(cfg.run.seed)
-    for name, layer in model.codebooks.items():
-        with engine.full_params([layer.codes]):
-            codes = layer.codes.detach().clone()
-            if workers.rank == 0:
-                original = codes.clone()
-                layer.kmeans_init_(rec.activations[name].reshape(-1, layer.dim).float(),
-                                   cfg.codebook_config.kmeans_iters, gen)
+    with model.codebooks_disabled():
+        for name in forward_order(model):
+            layer = model.codebooks[name]
+            with recording(model, [name], activations=True) as rec:
+                for batch in batches:
+                    model(input_ids=_to_device(batch, workers.device)["input_ids"])
+            with engine.full_params([layer.codes]):
                 codes = layer.codes.detach().clone()
-                layer.codes.data.copy_(original)
-            if workers.world_size > 1:
-                dist.broadcast(codes, 0)
-        engine.set_param(layer.codes, codes)
+                if workers.rank == 0:
+                    original = codes.clone()
+                    layer.kmeans_init_(rec.activations[name].reshape(-1, layer.dim).float(),
+                                       cfg.codebook_config.kmeans_iters, gen)
+                    codes = layer.codes.detach().clone()
+                    layer.codes.data.copy_(original)
+                if workers.world_size > 1:
+                    dist.broadcast(codes, 0)
+            engine.set_param(layer.codes, codes)
+            layer.enabled = True  # later sites are fitted with this codebook on
     model.train()
 
 
