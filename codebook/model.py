@@ -81,6 +81,8 @@ class CodebookModel(nn.Module):
             self._positions = cache_position.to(ids.device)
             return
         past = kwargs.get("past_key_values")
+        if past is None:
+            past = kwargs.get("cache")  # transformers >= 5.24 passes the KV cache as ``cache``
         has_length = past is not None and hasattr(past, "get_seq_length")
         offset = past.get_seq_length() if has_length else 0
         self._positions = torch.arange(offset, offset + t, device=ids.device)

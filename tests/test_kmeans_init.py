@@ -65,6 +65,7 @@ def test_kmeans_init_fits_each_site_to_what_it_sees_with_earlier_codebooks_on(tm
 def test_base_model_lr_switches_when_the_codebooks_come_on(tmp_path):
     cfg = load_config(FSM_CONFIG, tiny_overrides(
         tmp_path, **{"codebook.start_step": 3, "optim.lr": 1e-2, "optim.model_lr_factor": 1.0,
+                     "optim.schedule": "constant",
                      "optim.codebook_phase_model_lr_factor": 0.1}))
     engine = TorchEngine(build_model(cfg), cfg, torch.device("cpu"))
     lrs = []
