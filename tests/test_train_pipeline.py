@@ -104,10 +104,18 @@ def test_losing_a_worker_node_restores_from_the_last_checkpoint(tmp_path):
         thread = threading.Thread(target=lambda: result.update(fit(cfg)))
         thread.start()
         run_dir = cfg.run_dir
+        snapshot = run_dir / "checkpoint_manager_snapshot.json"
+
+        def registered() -> bool:  # Ray Train knows a checkpoint (not just its files exist)
+            try:
+                return '"checkpoint_dir_name"' in snapshot.read_text()
+            except OSError:
+                return False
+
         deadline = time.time() + 240
-        while not list(run_dir.glob(f"*/{STATE_FILE}")) and time.time() < deadline:
+        while not registered() and time.time() < deadline:
             time.sleep(0.5)
-        assert list(run_dir.glob(f"*/{STATE_FILE}")), "no checkpoint was written"
+        assert list(run_dir.glob(f"*/{STATE_FILE}")) and registered(), "no checkpoint was written"
         cluster.add_node(num_cpus=1)
         cluster.remove_node(doomed)
         thread.join(timeout=400)
