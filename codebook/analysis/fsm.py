@@ -128,18 +128,17 @@ def _hits_needed(fraction: float, e: int) -> int:
     return min(e, max(1, math.ceil(fraction * e - 1e-9)))
 
 
-def _overlaps(fsm: TokFSM, scores: np.ndarray, states: np.ndarray) -> np.ndarray:
-    """Per row: |top-E scored states & out-neighbours(states)| / E."""
-    e = fsm.num_edges
-    top = np.argpartition(-scores, e - 1, axis=1)[:, :e]
-    return fsm.adjacency[np.asarray(states)[:, None], top].sum(axis=1) / e
-
-
 def _top_mask(scores: np.ndarray, e: int) -> np.ndarray:
     """(n, S) boolean: the top-``e`` entries of each row."""
     mask = np.zeros(scores.shape, dtype=bool)
     np.put_along_axis(mask, np.argpartition(-scores, e - 1, axis=1)[:, :e], True, axis=1)
     return mask
+
+
+def _overlaps(fsm: TokFSM, scores: np.ndarray, states: np.ndarray) -> np.ndarray:
+    """Per row: |top-E scored states & out-neighbours(states)| / E."""
+    e = fsm.num_edges
+    return (_top_mask(scores, e) & (fsm.adjacency[np.asarray(states)] > 0)).sum(axis=1) / e
 
 
 def _clean(value: Any) -> Any:
