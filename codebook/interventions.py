@@ -18,6 +18,9 @@ from codebook.errors import ConfigError
 from codebook.layer import CodebookLayer
 from codebook.model import CodebookModel
 
+ForceMode = Literal["add", "replace", "overwrite"]
+FORCE_MODES = ("add", "replace", "overwrite")
+
 
 @dataclass
 class CodeRecord:
@@ -84,10 +87,23 @@ class _ForceEditor(_Editor):
         m = self.codes.shape[-1]
         forced = self.codes.to(idx.device).view(1, 1, g, m).expand(b, t, g, m)
         forced_w = (self.codes.to(idx.device) >= 0).view(1, 1, g, m) & where.unsqueeze(-1)
+        if self.mode == "overwrite":
+            return self._overwrite(idx, weight, where)
         if self.mode == "replace":
             weight = weight & ~where.unsqueeze(-1)
         return (torch.cat([idx, forced.clamp_min(0)], -1),
                 torch.cat([weight, forced_w.expand(b, t, g, m)], -1))
+
+    def _overwrite(self, idx, weight, where):
+        """Forced codes take the group's lowest-ranked slots (the last ones of the top-k)."""
+        n = idx.shape[-1]
+        codes = self.codes.to(idx.device)  # (g, m), -1 padded
+        count = (codes >= 0).sum(-1, keepdim=True)  # (g, 1)
+        slot = torch.arange(n, device=idx.device).view(1, n) - (n - count)  # (g, n)
+        aligned = codes.gather(-1, slot.clamp(0, codes.shape[-1] - 1))
+        aligned = aligned.masked_fill(slot < 0, -1)  # (g, n): right-aligned forced codes
+        take = (aligned >= 0).unsqueeze(0).unsqueeze(0) & where.unsqueeze(-1)  # (1, t, g, n)
+        return torch.where(take, aligned, idx), weight | take
 
 
 class _DisableEditor(_Editor):
@@ -118,21 +134,26 @@ class _PatchEditor(_Editor):
 @contextmanager
 def force_codes(model: CodebookModel, site: str, codes: Sequence[int] | dict[int, Sequence[int]],
                 positions: Sequence[int] | None = None, groups: Sequence[int] | None = None,
-                mode: Literal["add", "replace"] = "add") -> Iterator[None]:
+                mode: ForceMode = "add") -> Iterator[None]:
     """Force ``codes`` on at ``site`` (all positions if ``positions`` is None).
 
     ``codes`` is a list applied to every group in ``groups`` (default: all groups), or a dict
     ``{group: [code, ...]}``. ``mode='add'`` adds them to the top-k codes; ``'replace'`` makes
-    them the only codes at those positions and groups.
+    them the only codes at those positions and groups; ``'overwrite'`` puts them in place of the
+    group's lowest-ranked codes, keeping k codes in all (the reference's steering: at most k).
     """
     layer = _layer(model, site)
-    if mode not in ("add", "replace"):
-        raise ConfigError("mode", f"unknown mode {mode!r}", "use 'add' or 'replace'")
+    if mode not in FORCE_MODES:
+        raise ConfigError("mode", f"unknown mode {mode!r}", f"use one of {FORCE_MODES}")
     per_group = codes if isinstance(codes, dict) else {
         g: codes for g in (range(layer.groups) if groups is None else groups)}
     for g, ids in per_group.items():
         _check_group(site, layer, g)
         _check_codes(site, layer, ids)
+        if mode == "overwrite" and len(ids) > layer.k:
+            raise ConfigError(
+                f"codes for {site} group {g}", f"{len(ids)} codes to overwrite but k={layer.k}",
+                "force at most k codes per group with mode='overwrite', or use mode='add'")
     width = max(len(ids) for ids in per_group.values())
     table = torch.full((layer.groups, width), -1, dtype=torch.long)
     for g, ids in per_group.items():
@@ -174,7 +195,7 @@ def patch_codes(model: CodebookModel, site: str, source: CodeRecord | torch.Tens
 @contextmanager
 def steering(model: CodebookModel,
              codes_by_site: dict[str, Sequence[int] | dict[int, Sequence[int]]],
-             mode: Literal["add", "replace"] = "add") -> Iterator[None]:
+             mode: ForceMode = "add") -> Iterator[None]:
     """Force codes on at several sites at every position (topic steering during generation)."""
     with ExitStack() as stack:
         for site, codes in codes_by_site.items():

@@ -93,8 +93,13 @@ def _intermediate_size(cfg: Any) -> int:
     return 4 * int(cfg.hidden_size)
 
 
+# Within a layer, the order in which a block computes its sites.
+KIND_FORWARD_ORDER = {"attn_heads": 0, "attn": 0, "mlp_hidden": 1, "mlp": 2, "block": 3}
+
+
 def resolve_sites(model_config: Any, config: CodebookConfig) -> list[Site]:
-    """Turn codebook settings into concrete sites for a model config (no weights touched).
+    """Turn codebook settings into concrete sites for a model config (no weights touched),
+    in the order the forward pass reaches them.
 
     Raises ConfigError for an unknown family, a layer index out of range, a group count that
     does not divide a site's dimension, or heads that do not divide the attention width.
@@ -119,9 +124,10 @@ def resolve_sites(model_config: Any, config: CodebookConfig) -> list[Site]:
                 f"use indices in 0..{n_layers - 1} or 'all'",
             )
     sites: list[Site] = []
-    for layer in layers:
+    kinds = sorted(dict.fromkeys(config.sites), key=KIND_FORWARD_ORDER.__getitem__)
+    for layer in sorted(set(layers)):  # forward order: layer by layer, then kind by kind
         base = f"{family.layers}.{layer}"
-        for kind in config.sites:
+        for kind in kinds:
             if kind == "attn_heads":
                 site = Site(kind, layer, f"{base}.{family.attn_out_proj}", "pre",
                             n_heads * head_dim, n_heads)

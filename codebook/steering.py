@@ -11,13 +11,13 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
 from codebook.errors import ConfigError
-from codebook.interventions import steering
+from codebook.interventions import ForceMode, steering
 from codebook.model import CodebookModel
 
 
@@ -71,12 +71,17 @@ def count_codes(model: CodebookModel, tokenizer: Any, texts: Sequence[str], site
 def find_topic_codes(model: CodebookModel, tokenizer: Any, topic_texts: Sequence[str],
                      background: Sequence[str] | tuple[dict[str, np.ndarray], int],
                      sites: list[str] | None = None, top: int = 10, min_count: int = 2,
-                     block_size: int = 256) -> list[dict[str, Any]]:
+                     block_size: int = 256, max_per_group: int | None = None
+                     ) -> list[dict[str, Any]]:
     """The ``top`` codes most enriched on the topic over all ``sites``: dicts with ``site``,
     ``group``, ``code``, ``name`` (``site.group.code``) and the scores of ``rank_topic_codes``.
 
     ``background`` is texts, or ``count_codes``' result for them (count once, reuse per topic).
+    ``max_per_group`` caps the codes taken from one codebook group (e.g. k, for forcing with
+    ``mode='overwrite'``); lower-ranked codes of other groups fill the list instead.
     """
+    if max_per_group is not None and max_per_group < 1:
+        raise ConfigError("max_per_group", f"{max_per_group} < 1", "use a positive cap or None")
     if not any(t.strip() for t in topic_texts):
         raise ConfigError("topic_texts", "empty", "give at least one text about the topic")
     sites = list(model.codebooks) if sites is None else list(sites)
@@ -96,12 +101,22 @@ def find_topic_codes(model: CodebookModel, tokenizer: Any, topic_texts: Sequence
     found = []
     for s in sites:
         num_codes = model.codebooks[s].num_codes
+        per_site = top if max_per_group is None else len(topic[s])  # cap before cutting
         for row in rank_topic_codes(topic[s], counts[s], n_topic, n_background, min_count,
-                                    top):
+                                    per_site):
             group, code = divmod(row.pop("index"), num_codes)
             found.append({"site": s, "group": group, "code": code,
                           "name": f"{s}.{group}.{code}", **row})
     found.sort(key=lambda r: -r["score"])
+    if max_per_group is not None:
+        taken: dict[tuple[str, int], int] = {}
+        capped = []
+        for r in found:
+            key = (r["site"], r["group"])
+            if taken.get(key, 0) < max_per_group:
+                taken[key] = taken.get(key, 0) + 1
+                capped.append(r)
+        found = capped
     return found[:top]
 
 
@@ -115,9 +130,10 @@ def codes_by_site(codes: Sequence[dict[str, Any]]) -> dict[str, dict[int, list[i
 
 @contextmanager
 def steered(model: CodebookModel, codes: Sequence[dict[str, Any]],
-            mode: Literal["add", "replace"] = "add") -> Iterator[None]:
+            mode: ForceMode = "add") -> Iterator[None]:
     """Force ``codes`` (dicts with site, group, code) on at every position: added to the
-    chosen codes (``add``), or as the only codes of their groups (``replace``)."""
+    chosen codes (``add``), as the only codes of their groups (``replace``), or in place of
+    their groups' lowest-ranked codes (``overwrite``, at most k per group)."""
     with steering(model, codes_by_site(codes), mode=mode):
         yield
 
@@ -126,7 +142,7 @@ def steered(model: CodebookModel, codes: Sequence[dict[str, Any]],
 def generate(model: CodebookModel, tokenizer: Any, prompts: Sequence[str], samples: int = 1,
              max_new_tokens: int = 40, codes: Sequence[dict[str, Any]] = (),
              do_sample: bool = True, temperature: float = 1.0, top_k: int | None = 50,
-             seed: int = 0, mode: Literal["add", "replace"] = "add") -> list[dict[str, Any]]:
+             seed: int = 0, mode: ForceMode = "add") -> list[dict[str, Any]]:
     """``samples`` continuations per prompt, with ``codes`` forced on (none: baseline).
 
     Seeded per (prompt, sample), so baseline and steered samples share their random draws.

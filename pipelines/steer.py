@@ -50,9 +50,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--codes", type=int, default=10, help="codes per topic")
     p.add_argument("--min-count", type=int, default=2, help="topic firings a code needs")
     p.add_argument("--sites", nargs="*", help="sites to take codes from (default: all)")
-    p.add_argument("--mode", choices=["add", "replace"], default="add",
-                   help="add the topic codes to the chosen ones, or make them the only codes "
-                        "of their heads/groups")
+    p.add_argument("--mode", choices=["overwrite", "add", "replace"], default="overwrite",
+                   help="overwrite: topic codes take the lowest-ranked of their group's k slots "
+                        "(at most k per group, as the reference steered); add: on top of the "
+                        "chosen codes; replace: the only codes of their groups")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="steering", help="folder for samples and the table")
@@ -120,12 +121,16 @@ def run(args: argparse.Namespace, spec: dict[str, Any], model: Any, tokenizer: A
            "temperature": args.temperature, "seed": args.seed}
     baseline = generate(model, tokenizer, spec["prompts"], **gen)
     sites = args.sites or list(model.codebooks)
+    for s in sites:
+        model.site(s)  # clear error for an unknown site, before any work
+    k_min = min(model.codebooks[s].k for s in sites)  # overwrite forces at most k per group
     background = count_codes(model, tokenizer, spec["background"], sites)  # once for all topics
     baseline_ppl = fluency(baseline)
     rows, samples = [], [{**s, "topic": None, "condition": "baseline"} for s in baseline]
     for topic in spec["topics"]:
         codes = find_topic_codes(model, tokenizer, topic["topic_texts"], background, sites,
-                                 top=args.codes, min_count=args.min_count)
+                                 top=args.codes, min_count=args.min_count,
+                                 max_per_group=k_min if args.mode == "overwrite" else None)
         if not codes:
             print(f"topic {topic['name']!r}: no code is enriched on its texts; skipped",
                   file=sys.stderr, flush=True)

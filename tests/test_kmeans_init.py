@@ -11,7 +11,7 @@ from codebook.errors import ConfigError
 from codebook.interventions import recording
 from codebook.training.config import load_config
 from codebook.training.engine import TorchEngine
-from codebook.training.loop import Workers, build_model, forward_order, kmeans_init
+from codebook.training.loop import Workers, build_model, kmeans_init
 
 
 def _inputs(model, name, batches, on: bool) -> torch.Tensor:
@@ -44,8 +44,7 @@ def test_kmeans_init_fits_each_site_to_what_it_sees_with_earlier_codebooks_on(tm
         tmp_path, **{"codebook.num_codes": 8, "codebook.k": 1, "codebook.kmeans_iters": 60,
                      "codebook.score": "euclidean"}))
     model = build_model(cfg)
-    order = forward_order(model)
-    assert order == ["attn_heads_0", "mlp_0", "attn_heads_1", "mlp_1"]
+    assert list(model.codebooks) == ["attn_heads_0", "mlp_0", "attn_heads_1", "mlp_1"]
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, 10, (4, 24), generator=gen) for _ in range(2)]
     engine = TorchEngine(model, cfg, torch.device("cpu"))
@@ -81,3 +80,58 @@ def test_negative_lr_factor_is_rejected(tmp_path):
     with pytest.raises(ConfigError, match="codebook_phase_model_lr_factor"):
         load_config(FSM_CONFIG, tiny_overrides(
             tmp_path, **{"optim.codebook_phase_model_lr_factor": -1}))
+
+
+class _Collect:
+    """A Reporter that keeps what the loop logs and which steps it checkpoints (no Ray)."""
+
+    def __init__(self):
+        self.logged: dict[int, dict[str, float]] = {}
+        self.checkpoints: list[int] = []
+
+    def log(self, step, metrics):
+        self.logged.setdefault(step, {}).update(metrics)
+
+    def checkpoint(self, step, metrics, directory):
+        assert (directory / "hf" / "codebooks.safetensors").exists()
+        self.checkpoints.append(step)
+
+
+def test_the_loop_runs_without_ray_and_logs_each_groups_lr(tmp_path):
+    from codebook.data.fsm import TokFSM
+    from codebook.data.sources import fsm_eval_batches, fsm_train_batches
+    from codebook.training.loop import LoopData, train
+
+    cfg = load_config(FSM_CONFIG, tiny_overrides(
+        tmp_path, **{"run.max_steps": 4, "run.log_every": 1, "codebook.start_step": 2,
+                     "codebook.kmeans_init_batches": 1, "deepspeed.enabled": False,
+                     "optim.lr": 1e-2, "optim.model_lr_factor": 0.5, "optim.schedule": "constant",
+                     "optim.codebook_phase_model_lr_factor": 0.1}))
+    fsm = TokFSM(cfg.fsm_config)
+    data = LoopData(
+        train=lambda start: fsm_train_batches(fsm, 8, 0, start, 0, 1, cfg.data.eval_blocks),
+        eval=lambda: fsm_eval_batches(fsm, cfg.data.eval_blocks, 8, 0, 1))
+    reporter = _Collect()
+    summary = train(cfg, data, reporter, Workers())
+    assert summary["steps"] == 4 and reporter.checkpoints == [4]
+    lrs = {step: (m["lr/codebooks"], m["lr/model"]) for step, m in reporter.logged.items()
+           if "lr/model" in m}
+    # logged after the optimizer step: steps 1-2 plain (factor 0.5), then codebooks on (0.1)
+    assert [round(m, 6) for _, m in (lrs[1], lrs[3], lrs[4])] == [5e-3, 1e-3, 1e-3]
+    assert all(c == 1e-2 for c, _ in lrs.values())
+
+
+def test_resuming_uses_the_configs_base_lr_once(tmp_path):
+    """A checkpoint whose scheduler saved the base model's lr already scaled by model_lr_factor
+    (as before the factor moved into the lr lambda) must not get the factor a second time."""
+    cfg = load_config(FSM_CONFIG, tiny_overrides(
+        tmp_path, **{"optim.lr": 1e-2, "optim.model_lr_factor": 0.3,
+                     "optim.schedule": "constant", "deepspeed.enabled": False}))
+    engine = TorchEngine(build_model(cfg), cfg, torch.device("cpu"))
+    engine.scheduler.base_lrs = [1e-2, 3e-3]  # the older checkpoints' scheduler state
+    engine.save(tmp_path, 0)
+    resumed = TorchEngine(build_model(cfg), cfg, torch.device("cpu"))
+    resumed.load(tmp_path)
+    resumed.optimizer.step()
+    resumed.scheduler.step()
+    assert [round(g["lr"], 6) for g in resumed.optimizer.param_groups] == [1e-2, 3e-3]

@@ -109,7 +109,7 @@ def _final_hidden(model: CodebookModel, tokens: torch.Tensor) -> torch.Tensor:
     return captured["h"]
 
 
-@pytest.mark.parametrize("mode", ["add", "replace"])
+@pytest.mark.parametrize("mode", ["add", "replace", "overwrite"])
 def test_forcing_a_code_changes_logits_exactly_as_the_arithmetic_says(tokens, mode):
     model = wrap("gpt_neox", sites=["mlp"], layers=[1], k=2)
     layer = model.codebooks["mlp_1"]
@@ -119,7 +119,8 @@ def test_forcing_a_code_changes_logits_exactly_as_the_arithmetic_says(tokens, mo
     with torch.no_grad(), force_codes(model, "mlp_1", [code], positions=[pos], mode=mode):
         forced = model(input_ids=tokens).logits
     c = layer.codes[0, code].detach()
-    delta = c if mode == "add" else c - layer.codes[0, base_codes[:, pos, 0]].sum(1).detach()
+    natural = layer.codes[0, base_codes[:, pos, 0]].detach()  # (batch, k, dim), best first
+    delta = {"add": c, "replace": c - natural.sum(1), "overwrite": c - natural[:, -1]}[mode]
     h = hidden[:, pos] + delta
     expected = model.model.get_output_embeddings()(model.model.gpt_neox.final_layer_norm(h))
     torch.testing.assert_close(forced[:, pos], expected, atol=1e-5, rtol=1e-5)
@@ -136,6 +137,26 @@ def test_forced_codes_are_recorded_and_replace_mode_keeps_only_them(tokens):
     active = codes[:, 3, 1][codes[:, 3, 1] >= 0]
     assert sorted(active.tolist()) == [9, 9, 10, 10]
     assert (codes[:, 4, 1, :2] >= 0).all()  # other positions keep their top-k
+
+
+def test_overwrite_mode_puts_forced_codes_in_the_lowest_ranked_slots(tokens):
+    model = wrap("gpt_neox", sites=["attn_heads"], num_codes=32, k=3)
+    plain = read_codes(model, tokens).codes["attn_heads_0"]
+    with force_codes(model, "attn_heads_0", {1: [20, 21], 2: [30]}, positions=[3, 4],
+                     mode="overwrite"):
+        got = read_codes(model, tokens).codes["attn_heads_0"]
+    assert got.shape == plain.shape  # still k slots: nothing added
+    for p in (3, 4):
+        assert torch.equal(got[:, p, 1, 0], plain[:, p, 1, 0])  # the best code stays
+        assert (got[:, p, 1, 1:] == torch.tensor([20, 21])).all()
+        assert torch.equal(got[:, p, 2, :2], plain[:, p, 2, :2])
+        assert (got[:, p, 2, 2] == 30).all()
+        assert torch.equal(got[:, p, 0], plain[:, p, 0])  # other groups untouched
+    others = [q for q in range(12) if q not in (3, 4)]
+    assert torch.equal(got[:, others], plain[:, others])
+    with pytest.raises(ConfigError, match="at most k"), force_codes(
+            model, "attn_heads_0", {0: [1, 2, 3, 4]}, mode="overwrite"):
+        pass
 
 
 def test_disabled_codes_are_never_selected(tokens):
@@ -224,6 +245,20 @@ def test_groups_that_do_not_divide_the_dimension_fail_before_the_model_is_touche
         resolve_sites(cfg, CodebookConfig(sites=["mlp"], groups=5))
     with pytest.raises(ConfigError, match="layer 7"):
         resolve_sites(cfg, CodebookConfig(sites=["mlp"], layers=[7]))
+
+
+def test_sites_come_in_forward_order_whatever_order_they_are_asked_in():
+    from transformers import AutoConfig
+
+    from codebook.sites import resolve_sites
+
+    cfg = AutoConfig.for_model("gpt_neox", hidden_size=32, num_attention_heads=4,
+                               num_hidden_layers=2, intermediate_size=64)
+    sites = resolve_sites(cfg, CodebookConfig(sites=["block", "mlp", "mlp_hidden", "attn_heads"],
+                                              layers=[1, 0]))
+    assert [s.name for s in sites] == [
+        f"{kind}_{layer}" for layer in (0, 1)
+        for kind in ("attn_heads", "mlp_hidden", "mlp", "block")]
 
 
 def test_unknown_model_family_is_rejected():

@@ -146,6 +146,20 @@ def test_topic_codes_and_steering_reject_bad_input(model_and_tok):
                           list(model.codebooks))  # background counted once, reused per topic
     assert find_topic_codes(model, tok, ["dragon fire dragon castle dragon"] * 3, counted,
                             top=4, min_count=1) == found
+    full = find_topic_codes(model, tok, ["dragon fire dragon castle dragon"] * 3, counted,
+                            top=10**6, min_count=1)
+    capped = find_topic_codes(model, tok, ["dragon fire dragon castle dragon"] * 3, counted,
+                              top=4, min_count=1, max_per_group=1)
+    seen: set[tuple[str, int]] = set()
+    first_of_each_group = []  # the best code of every group, in ranking order
+    for f in full:
+        if (f["site"], f["group"]) not in seen:
+            seen.add((f["site"], f["group"]))
+            first_of_each_group.append(f)
+    assert capped == first_of_each_group[:4]
+    assert len({(f["site"], f["group"]) for f in capped}) == len(capped)
+    with pytest.raises(ConfigError, match="max_per_group"):
+        find_topic_codes(model, tok, ["dragon"], counted, max_per_group=0)
     assert torch.is_grad_enabled()
 
 
@@ -162,6 +176,10 @@ def test_steer_pipeline_reports_rates_and_logs_samples(setup, tmp_path):
                               "--out", str(tmp_path / "out")])
     (row,) = summary["topics"]
     assert row["topic"] == "dragon" and 1 <= len(row["codes_used"]) <= 3
+    k = min(layer.k for layer in load_extraction_model(str(setup["root"] / "model")
+                                                       ).codebooks.values())
+    groups = [name.rsplit(".", 1)[0] for name in row["codes_used"]]
+    assert max(groups.count(g) for g in groups) <= k  # default overwrite mode: <= k per group
     assert 0 <= row["baseline_rate"] <= 1 and 0 <= row["steered_rate"] <= 1
     assert row["steered_perplexity"] > 1 and row["baseline_perplexity"] > 1
     samples = [json.loads(x) for x in (tmp_path / "out" / "samples.jsonl").read_text().split("\n")

@@ -51,6 +51,7 @@ Conventions
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
@@ -258,7 +259,7 @@ def _cached_pass(model, tok, chunk, cp, prefixes, d, device) -> torch.Tensor:
     first = first.cpu().repeat_interleave(n_prefix, dim=0)[:, None]  # (c*P, 1, V)
     if d == 1:
         return first
-    cache = res.past_key_values
+    cache = getattr(res, "past_key_values", None) or getattr(res, "cache", None)
     del res
     cache.batch_repeat_interleave(n_prefix)
     rr = torch.as_tensor(np.repeat(cp, n_prefix))  # (c*P,)
@@ -268,10 +269,17 @@ def _cached_pass(model, tok, chunk, cp, prefixes, d, device) -> torch.Tensor:
     pos_ids = rr[:, None] + 1 + torch.arange(d - 1)[None, :]
     logits = model.model(
         input_ids=y.to(device), attention_mask=mask.to(device), position_ids=pos_ids.to(device),
-        past_key_values=cache, use_cache=True,
+        use_cache=True, **_cache_kwarg(model.model, cache),
     ).logits
     rest = logits.double().log_softmax(-1).cpu()  # (c*P, D-1, V)
     return torch.cat([first, rest], dim=1)
+
+
+def _cache_kwarg(model: torch.nn.Module, cache: Any) -> dict[str, Any]:
+    """The KV cache under the keyword this transformers takes (``cache`` from 5.24 on;
+    ``past_key_values`` before, deprecated since and going in 5.40)."""
+    params = inspect.signature(model.forward).parameters
+    return {"cache" if "cache" in params else "past_key_values": cache}
 
 
 def _logsumexp(x: np.ndarray) -> np.ndarray:

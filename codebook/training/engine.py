@@ -72,6 +72,13 @@ def make_optimizer(model: CodebookModel, cfg: TrainConfig):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
 
 
+def rebase_schedule(scheduler, cfg: TrainConfig) -> None:
+    """After loading a checkpoint: every group's base lr is ``optim.lr`` (the per-group factors
+    live in the lambdas). Checkpoints written before the factors moved there saved the base
+    model's lr already scaled by ``model_lr_factor``; without this it was applied twice."""
+    scheduler.base_lrs = [cfg.optim.lr] * len(scheduler.base_lrs)
+
+
 class TorchEngine:
     """Plain PyTorch (DDP when a process group is up); gradient accumulation and clipping."""
 
@@ -117,6 +124,7 @@ class TorchEngine:
         state = torch.load(directory / "engine_optim.pt", weights_only=True, map_location="cpu")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        rebase_schedule(self.scheduler, self.cfg)
 
     @contextmanager
     def full_params(self, params: list[nn.Parameter], modifier_rank: int | None = None):
@@ -181,6 +189,7 @@ class DeepSpeedEngine:
                                               load_lr_scheduler_states=True)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {directory}")
+        rebase_schedule(self.scheduler, self.cfg)
 
     @contextmanager
     def full_params(self, params: list[nn.Parameter], modifier_rank: int | None = None):

@@ -137,8 +137,10 @@ def train(cfg: TrainConfig, data: LoopData, reporter: Reporter, workers: Workers
             elapsed = time.perf_counter() - t0
             metrics = {"train/loss": losses[0], "train/lm_loss": losses[1],
                        "train/recon_loss": losses[2], "tokens_per_s": window_tokens / elapsed,
-                       "lr": engine.optimizer.param_groups[0]["lr"],
+                       "lr": engine.optimizer.param_groups[0]["lr"],  # the codebooks'
                        "k": float(model.codebook_config.k_at(state.step))}
+            metrics.update({f"lr/{g.get('name', i)}": g["lr"]
+                            for i, g in enumerate(engine.optimizer.param_groups)})
             metrics.update({f"train/{k}": v for k, v in model.metrics(reset=True).items()})
             done = state.step - start_step
             rate = (time.perf_counter() - start_time) / max(done, 1)
@@ -231,16 +233,6 @@ def save_checkpoint(model: CodebookModel, engine, state: TrainState, workers: Wo
 
 
 # ---------------------------------------------------------------------- codebook maintenance
-# Within a layer, the order in which a block computes its sites.
-_FORWARD_ORDER = {"attn_heads": 0, "attn": 0, "mlp_hidden": 1, "mlp": 2, "block": 3}
-
-
-def forward_order(model: CodebookModel) -> list[str]:
-    """Codebook names in the order the forward pass reaches their sites."""
-    return sorted(model.codebooks,
-                  key=lambda n: (model.sites[n].layer, _FORWARD_ORDER[model.sites[n].kind]))
-
-
 @torch.no_grad()
 def kmeans_init(model: CodebookModel, batches: list[Batch], engine, cfg: TrainConfig,
                 workers: Workers) -> None:
@@ -254,7 +246,7 @@ def kmeans_init(model: CodebookModel, batches: list[Batch], engine, cfg: TrainCo
     model.eval()
     gen = torch.Generator(device=workers.device).manual_seed(cfg.run.seed)
     with model.codebooks_disabled():
-        for name in forward_order(model):
+        for name in model.codebooks:  # forward order (resolve_sites)
             layer = model.codebooks[name]
             with recording(model, [name], activations=True) as rec:
                 for batch in batches:
