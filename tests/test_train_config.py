@@ -30,7 +30,7 @@ def test_overrides_are_typed_and_dotted():
         (["optim.learning_rate=1"], "optim.learning_rate", "unknown key"),
         (["optim.batch_size=big"], "optim.batch_size", "expected int"),
         (["run.max_steps=true"], "run.max_steps", "expected int"),
-        (["codebook.k=2000"], "codebook.k", "larger than num_codes"),
+        (["codebook.k=5000"], "codebook.k", "larger than num_codes"),
         (["codebook.sites=[attn_heads, attention]"], "codebook.sites", "unknown site"),
         (["data.source=text", "data.paths=[/no/such/file.txt]"], "data.paths", "does not exist"),
         (["deepspeed.zero_stage=4"], "deepspeed.zero_stage", "got 4"),
