@@ -84,11 +84,11 @@ class _ForceEditor(_Editor):
         in_group = torch.zeros(g, dtype=torch.bool, device=idx.device)
         in_group[self.groups] = True
         where = at.view(1, t, 1) & in_group.view(1, 1, g)  # (1, t, g)
+        if self.mode == "overwrite":
+            return self._overwrite(idx, weight, where)
         m = self.codes.shape[-1]
         forced = self.codes.to(idx.device).view(1, 1, g, m).expand(b, t, g, m)
         forced_w = (self.codes.to(idx.device) >= 0).view(1, 1, g, m) & where.unsqueeze(-1)
-        if self.mode == "overwrite":
-            return self._overwrite(idx, weight, where)
         if self.mode == "replace":
             weight = weight & ~where.unsqueeze(-1)
         return (torch.cat([idx, forced.clamp_min(0)], -1),

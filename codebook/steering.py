@@ -9,6 +9,7 @@ included), and ``perplexity`` scores texts under a model, for a fluency check.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -108,13 +109,12 @@ def find_topic_codes(model: CodebookModel, tokenizer: Any, topic_texts: Sequence
             found.append({"site": s, "group": group, "code": code,
                           "name": f"{s}.{group}.{code}", **row})
     found.sort(key=lambda r: -r["score"])
-    if max_per_group is not None:
-        taken: dict[tuple[str, int], int] = {}
+    if max_per_group is not None:  # keep each group's best max_per_group codes, in rank order
+        taken: Counter[tuple[str, int]] = Counter()
         capped = []
         for r in found:
-            key = (r["site"], r["group"])
-            if taken.get(key, 0) < max_per_group:
-                taken[key] = taken.get(key, 0) + 1
+            taken[r["site"], r["group"]] += 1
+            if taken[r["site"], r["group"]] <= max_per_group:
                 capped.append(r)
         found = capped
     return found[:top]
