@@ -1,7 +1,8 @@
 """Topic codes and steered generation.
 
 ``find_topic_codes`` runs the model over topic and background texts and ranks the codes that
-fire more on the topic (log-odds with add-one smoothing, plus precision and recall per code);
+fire more on the topic (log rate ratio with add-one smoothing, plus precision and recall per
+code);
 ``generate`` samples with a set of codes forced on at every position (generated tokens
 included), and ``perplexity`` scores texts under a model, for a fluency check.
 """
@@ -27,10 +28,12 @@ def rank_topic_codes(topic_counts: np.ndarray, background_counts: np.ndarray,
                      top: int = 10) -> list[dict[str, float]]:
     """Codes enriched on the topic, best first.
 
-    ``*_counts``: per code, how many topic / background tokens it fired on. Score: the log-odds
-    ratio ``log(t+1)/(T-t+1) - log(b+1)/(B-b+1)``; precision = share of the code's firings (rate-
-    normalised) that are on the topic, recall = share of topic tokens it fires on. Codes with
-    fewer than ``min_count`` topic firings are skipped.
+    ``*_counts``: per code, how many topic / background tokens it fired on. Score: the smoothed
+    log rate ratio ``log((t+1)/(T+1)) - log((b+1)/(B+1))``, how many times more often (in log)
+    the code fires on the topic. (A log-odds ratio, ``t/(T-t)``, blows up for codes that fire on
+    nearly every token, as some of a head's k codes do, and ranked those first.) Precision =
+    share of the code's firings (rate-normalised) that are on the topic, recall = share of topic
+    tokens it fires on. Codes with fewer than ``min_count`` topic firings are skipped.
     """
     t = np.asarray(topic_counts, dtype=np.float64)
     b = np.asarray(background_counts, dtype=np.float64)
@@ -38,8 +41,7 @@ def rank_topic_codes(topic_counts: np.ndarray, background_counts: np.ndarray,
         raise ValueError(f"count shapes differ: {t.shape} vs {b.shape}")
     if topic_tokens <= 0 or background_tokens <= 0:
         raise ValueError("topic_tokens and background_tokens must be positive")
-    score = (np.log((t + 1) / (topic_tokens - t + 1))
-             - np.log((b + 1) / (background_tokens - b + 1)))
+    score = np.log((t + 1) / (topic_tokens + 1)) - np.log((b + 1) / (background_tokens + 1))
     rate_t, rate_b = t / topic_tokens, b / background_tokens
     with np.errstate(divide="ignore", invalid="ignore"):
         precision = np.where(rate_t + rate_b > 0, rate_t / (rate_t + rate_b), 0.0)

@@ -12,7 +12,7 @@ The topics file (YAML)::
         regex: '\\bdragons?\\b'                     # matched case-insensitively
         topic_texts: ["The dragon breathed fire ...", ...]   # or topic_files: [...]
 
-For each topic: the codes most enriched on its texts against the background (log-odds), then N
+For each topic: the codes most enriched on its texts against the background (log rate ratio), then N
 baseline and N steered samples per prompt (the same seeds), the fraction matching the regex, and
 the perplexity of both under the model with its codebooks off (a fluency check). Samples and the
 table go to MLflow; the last line printed is JSON with per-topic ``baseline_rate``,

@@ -35,17 +35,9 @@ def make_corpus(folder: Path, n_docs: int = 24, seed: int = 0) -> list[str]:
 
 def save_bpe_tokenizer(texts: list[str], path: Path, vocab_size: int = 400):
     """A lossless byte-level BPE with an ``<eos>`` token, saved as a HF tokenizer folder."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from codebook.data.text import train_bpe_tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<eos>"],
-                                  show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer)
-    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+    hf_tok = train_bpe_tokenizer(texts, vocab_size, eos="<eos>")
     hf_tok.save_pretrained(str(path))
     return hf_tok
 

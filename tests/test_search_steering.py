@@ -105,9 +105,12 @@ def test_topic_finder_ranks_a_planted_code_first():
     background = rng.poisson(20, 500)
     topic = rng.poisson(2, 500)  # same code rates on 10x fewer tokens
     topic[137] = 60  # the planted topic code
+    topic[5], background[5] = 1000, 9000  # fires on every topic token and 90% of the others
     ranked = rank_topic_codes(topic, background, topic_tokens=1000, background_tokens=10_000)
     assert ranked[0]["index"] == 137 and ranked[0]["score"] > ranked[1]["score"]
     assert ranked[0]["recall"] == pytest.approx(0.06)
+    # an always-on code is barely enriched (x1.11): a log-odds score ranked it first (4.7 vs 3.4)
+    assert ranked[0]["score"] > 3 and 5 not in [r["index"] for r in ranked]
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -65,20 +67,44 @@ def test_load_tokenizer_uses_a_lone_gguf_file(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------- shipped configs
-@pytest.mark.parametrize("name", ["text_small.yaml", "smollm2_attn.yaml"])
+@pytest.mark.parametrize("name", ["text_small.yaml", "smollm2_attn.yaml", "text_steer.yaml"])
 def test_shipped_text_configs_validate(name, tmp_path):
-    """They validate with any corpus; with the fetched one as shipped (scripts/fetch_text.sh)."""
+    """They validate with any corpus; with the fetched one as shipped (scripts/fetch_text.sh,
+    scripts/train_tokenizer.py), the tokenizer's size is the model's vocabulary."""
     from codebook.training.config import load_config
 
     (tmp_path / "a.txt").write_text("x")
     cfg = load_config(REPO / "configs" / name, [f"data.paths={json.dumps([str(tmp_path)])}"])
     assert cfg.data.source == "text" and "attn_heads" in cfg.codebook_config.sites
-    assert cfg.codebook_config.k == 8
-    if all(Path(p).is_dir() for p in ("data/text/shakespeare", "data/tokenizers/gpt2-bpe")):
+    assert cfg.codebook_config.k == (1 if name == "text_steer.yaml" else 8)
+    tokenizer = cfg.model.tokenizer
+    if tokenizer and Path(tokenizer).is_dir() and all(Path(p).is_dir() for p in cfg.data.paths):
         cfg = load_config(REPO / "configs" / name)  # its relative paths are from the cwd
-        if cfg.model.tokenizer:
-            vocab = len(load_tokenizer(cfg.model.tokenizer))
-            assert vocab == cfg.model.from_config["vocab_size"] == 50257
+        assert len(load_tokenizer(tokenizer)) == cfg.model.from_config["vocab_size"]
+
+
+def test_train_tokenizer_script_learns_a_lossless_bpe_of_the_asked_size(tmp_path):
+    corpus = tmp_path / "corpus"
+    (corpus / "sub").mkdir(parents=True)
+    (corpus / "a.txt").write_text("\n".join(TEXTS * 3))
+    (corpus / "sub" / "b.txt").write_text("Friends, Romans, countrymen, lend me your ears.\n" * 5)
+    out = tmp_path / "tok"
+    cmd = [sys.executable, str(REPO / "scripts" / "train_tokenizer.py"), "--vocab-size", "300",
+           "--out", str(out), str(corpus)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "from 2 files" in done.stdout
+    tok = load_tokenizer(str(out))
+    assert len(tok) == 300 and tok.eos_token_id == tok.bos_token_id == 0
+    text = "Lend me your ears, 1599 — café!"
+    assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+    # a vocabulary the text cannot fill, and a missing folder: clear errors, nothing written
+    for args, words in ((["--vocab-size", "100000", str(corpus)], "expected 100000"),
+                        (["--vocab-size", "300", str(tmp_path / "nope")], "does not exist")):
+        bad = tmp_path / "bad"
+        done = subprocess.run([*cmd[:2], "--out", str(bad), *args], capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode != 0 and words in done.stderr and not bad.exists()
 
 
 # ---------------------------------------------------------------------- expand_paths

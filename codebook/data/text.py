@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,26 @@ def load_tokenizer(name_or_path: str, gguf_file: str | None = None) -> Any:
         raise ConfigError("model.tokenizer", f"cannot load tokenizer {name_or_path!r}: {err}",
                           "point it at a folder with tokenizer.json / vocab files (or one "
                           ".gguf file; reading GGUF needs the gguf package)") from err
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int,
+                        eos: str = "<|endoftext|>") -> Any:
+    """A byte-level BPE (lossless round trip, GPT-2 pre-tokenisation) learnt on ``texts``.
+
+    ``eos`` is id 0 and also the bos token. Returns a ``PreTrainedTokenizerFast``; save it with
+    ``save_pretrained`` and ``load_tokenizer`` reads it back.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[eos],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    bpe.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=eos, bos_token=eos)
 
 
 def pack_batch(texts: list[str], tokenizer: Any, block_size: int) -> np.ndarray:
