@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -198,3 +201,27 @@ def test_steer_pipeline_reports_rates_and_logs_samples(setup, tmp_path):
                    "topic_texts: ['']}\n")
     with pytest.raises(SystemExit, match=r"topics\[0\].topic_texts"):
         steer_cli.main(["--model", str(setup["root"] / "model"), "--topics", str(bad)])
+
+
+def test_steering_probe_benchmark_prints_mass_ratios_per_topic(setup, tmp_path):
+    """benchmarks/steering_topic_mass.py: forced topic codes vs the same text unsteered."""
+    topics = tmp_path / "topics.yaml"
+    topics.write_text(
+        "prompts: ['the king']\n"
+        f"background_files: ['{setup['root'] / 'corpus'}']\n"
+        "topics:\n"
+        f"  - {{name: months, regex: '{MONTHS}', topic_texts: ['in May and June, then July "
+        "and August, May again']}\n"
+        "  - {name: none, regex: 'zzzz', topic_texts: ['May']}\n")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "steering_topic_mass.py"
+    done = subprocess.run([sys.executable, str(script), "--model", str(setup["root"] / "model"),
+                           "--topics", str(topics), "--codes", "1", "3", "--candidates", "4",
+                           "--tokens", "32"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    months, none = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert months["topic_tokens"] > 0 and 0 < months["base_mass"] < 1
+    for key in ("ranked_ratio", "effect_ratio", "ranked_kl"):
+        assert set(months[key]) == {"1", "3"} and all(v >= 0 for v in months[key].values())
+    # the effect choice takes, per group, the candidate that raises the mass most
+    assert months["effect_ratio"]["1"] >= months["ranked_ratio"]["1"] - 1e-9
+    assert none["error"].startswith("no vocabulary entry")

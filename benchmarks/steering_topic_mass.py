@@ -1,0 +1,110 @@
+"""How far forcing a topic's codes moves the model towards the topic's words (a steering probe).
+
+Sampled match rates are coarse: 0/80 says nothing about how close a model came. This measures,
+per topic, the probability mass the next-token distribution puts on the topic's word tokens
+(vocabulary entries the topic regex matches whole), averaged over the positions of a text with
+no topic (``--text``, default the topics file's first background file), with the topic's codes
+forced (``mode='overwrite'``), divided by the same mass unsteered (a ratio measured in the same
+run). Two code choices, n codes each (at most k per codebook group):
+
+* ``ranked``: ``find_topic_codes`` (enriched on the topic texts vs the background), as
+  ``pipelines/steer.py`` uses;
+* ``effect``: of each group's top ``--candidates`` ranked codes, the one that alone raises the
+  mass most (one forward pass per candidate), groups by that gain.
+
+Prints one JSON line per topic: ``base_mass``, ``ranked_ratio`` and ``effect_ratio`` (per n),
+and the mean KL (nats) from the unsteered distribution with n codes forced.
+
+    python benchmarks/steering_topic_mass.py --model CKPT --tokenizer TOK \\
+        --topics configs/steering/text_steer_topics.yaml [--codes 4 10 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from codebook.data.text import load_tokenizer  # noqa: E402
+from codebook.extraction import load_extraction_model, resolve_model  # noqa: E402
+from codebook.steering import count_codes, find_topic_codes, steered  # noqa: E402
+from pipelines.steer import load_topics  # noqa: E402
+
+
+def topic_token_ids(tokenizer, pattern: re.Pattern) -> list[int]:
+    """Vocabulary entries that are one word (optional leading space) the regex matches whole."""
+    ids = []
+    for i in range(len(tokenizer)):
+        piece = tokenizer.decode([i])
+        if re.fullmatch(r"\s?[A-Za-z]+", piece) and pattern.fullmatch(piece.strip()):
+            ids.append(i)
+    return ids
+
+
+@torch.no_grad()
+def next_token_probs(model, ids: torch.Tensor, codes=()) -> torch.Tensor:
+    with steered(model, codes, "overwrite"):
+        return torch.softmax(model(input_ids=ids).logits[0].float(), -1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--tokenizer", help="default: the model folder")
+    p.add_argument("--topics", required=True, help="a pipelines/steer.py topics file")
+    p.add_argument("--text", help="text to measure on (default: the first background file)")
+    p.add_argument("--tokens", type=int, default=256, help="positions measured")
+    p.add_argument("--codes", type=int, nargs="+", default=[4, 10, 16])
+    p.add_argument("--candidates", type=int, default=40, help="ranked codes tried per group")
+    args = p.parse_args(argv)
+    spec = load_topics(args.topics, None)
+    path = resolve_model(args.model, Path("steering-probe") / "model", None)
+    tokenizer = load_tokenizer(args.tokenizer or path)
+    model = load_extraction_model(path)
+    sites = list(model.codebooks)
+    k = min(model.codebooks[s].k for s in sites)
+    text = Path(args.text).read_text() if args.text else spec["background"][0]
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    ids = ids[:, : args.tokens]
+    background = count_codes(model, tokenizer, spec["background"], sites)
+    p0 = next_token_probs(model, ids)
+    groups = sum(model.codebooks[s].groups for s in sites)
+    for topic in spec["topics"]:
+        tt = topic_token_ids(tokenizer, topic["regex"])
+        row = {"topic": topic["name"], "topic_tokens": len(tt)}
+        if not tt:
+            print(json.dumps({**row, "error": "no vocabulary entry matches the regex"}),
+                  flush=True)
+            continue
+        base = float(p0[:, tt].sum(-1).mean())
+        ranked = find_topic_codes(model, tokenizer, topic["topic_texts"], background, sites,
+                                  top=max(args.codes), max_per_group=k)
+        candidates = find_topic_codes(model, tokenizer, topic["topic_texts"], background, sites,
+                                      top=groups * args.candidates,
+                                      max_per_group=args.candidates)
+        gain: dict[tuple[str, int], tuple[float, dict]] = {}
+        for c in candidates:
+            m = float(next_token_probs(model, ids, [c])[:, tt].sum(-1).mean())
+            key = (c["site"], c["group"])
+            if m > gain.get(key, (-1.0, None))[0]:
+                gain[key] = (m, c)
+        effect = [c for _, c in sorted(gain.values(), key=lambda v: -v[0])]
+        row.update(base_mass=base, ranked_ratio={}, effect_ratio={}, ranked_kl={})
+        for n in args.codes:
+            for name, codes in (("ranked", ranked[:n]), ("effect", effect[:n])):
+                probs = next_token_probs(model, ids, codes)
+                row[f"{name}_ratio"][n] = float(probs[:, tt].sum(-1).mean()) / base
+                if name == "ranked":
+                    kl = (p0 * (p0.clamp_min(1e-12).log() - probs.clamp_min(1e-12).log()))
+                    row["ranked_kl"][n] = float(kl.sum(-1).mean())
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
