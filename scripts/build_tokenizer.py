@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
-import tempfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from codebook.data.text import round_trip_error, save_tokenizer  # noqa: E402
 
 EOS = "<|endoftext|>"
 VOCAB_SIZE = 50257
@@ -59,10 +61,8 @@ def check(tok: object) -> None:
         got = tok(text, add_special_tokens=False)["input_ids"]
         if got != ids:
             problems.append(f"{text!r} -> {got}, expected {ids}")
-    ids = tok(ROUND_TRIP, add_special_tokens=False)["input_ids"]
-    back = tok.decode(ids)
-    if back != ROUND_TRIP:
-        problems.append(f"round trip changed the text: {back!r}")
+    if error := round_trip_error(tok, ROUND_TRIP):
+        problems.append(error)
     if problems:
         sys.exit("tokenizer check failed:\n  " + "\n  ".join(problems))
 
@@ -75,20 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     tok = build(args.encoder, args.merges)
     check(tok)
-    out = args.out.resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it private
-        tok.save_pretrained(str(tmp))
-        from transformers import AutoTokenizer
-
-        check(AutoTokenizer.from_pretrained(str(tmp)))  # what training will load
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    out = save_tokenizer(tok, args.out, check)
     print(f"GPT-2 BPE tokenizer ({len(tok)} tokens, eos {tok.eos_token_id}) -> {out}")
 
 

@@ -14,12 +14,12 @@ for the same files in the same order. The result is checked, then saved atomical
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from codebook.data.text import round_trip_error  # noqa: E402
 
 EOS = "<|endoftext|>"
 ROUND_TRIP = "To be, or not to be: that is the question.\n  Whether 'tis nobler, 1599 — café!"
@@ -33,15 +33,14 @@ def check(tok: object, vocab_size: int) -> None:
                         "text for that many merges?)")
     if tok.eos_token_id != 0:
         problems.append(f"eos id {tok.eos_token_id}, expected 0")
-    back = tok.decode(tok(ROUND_TRIP, add_special_tokens=False)["input_ids"])
-    if back != ROUND_TRIP:
-        problems.append(f"round trip changed the text: {back!r}")
+    if error := round_trip_error(tok, ROUND_TRIP):
+        problems.append(error)
     if problems:
         sys.exit("tokenizer check failed:\n  " + "\n  ".join(problems))
 
 
 def main(argv: list[str] | None = None) -> None:
-    from codebook.data.text import expand_paths, train_bpe_tokenizer
+    from codebook.data.text import expand_paths, save_tokenizer, train_bpe_tokenizer
     from codebook.errors import ConfigError
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -58,20 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     tok = train_bpe_tokenizer((Path(f).read_text(errors="replace") for f in files),
                               args.vocab_size, EOS)
     check(tok, args.vocab_size)
-    out = args.out.resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it private
-        tok.save_pretrained(str(tmp))
-        from transformers import AutoTokenizer
-
-        check(AutoTokenizer.from_pretrained(str(tmp)), args.vocab_size)  # what training loads
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    out = save_tokenizer(tok, args.out, lambda t: check(t, args.vocab_size))
     print(f"BPE tokenizer ({len(tok)} tokens, eos {tok.eos_token_id}) from {len(files)} files "
           f"-> {out}")
 

@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,36 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int,
                                   show_progress=False)
     bpe.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=eos, bos_token=eos)
+
+
+def save_tokenizer(tokenizer: Any, out: str | Path, check: Callable[[Any], None]) -> Path:
+    """Save ``tokenizer`` to ``out`` atomically: ``save_pretrained`` into a temp folder beside it,
+    ``check`` what ``AutoTokenizer`` loads back from there (it raises or exits on a problem),
+    then rename into place, replacing an older ``out``."""
+    import shutil
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    out = Path(out).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        tmp.chmod(0o755)  # mkdtemp makes it private
+        tokenizer.save_pretrained(str(tmp))
+        check(AutoTokenizer.from_pretrained(str(tmp)))  # what training will load
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def round_trip_error(tokenizer: Any, text: str) -> str | None:
+    """None if ``text`` survives encode + decode unchanged, else what came back."""
+    back = tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return None if back == text else f"round trip changed the text: {back!r}"
 
 
 def pack_batch(texts: list[str], tokenizer: Any, block_size: int) -> np.ndarray:
