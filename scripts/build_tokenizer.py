@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from codebook.data.text import round_trip_error, save_tokenizer  # noqa: E402
+from codebook.data.text import save_tokenizer, tokenizer_problems  # noqa: E402
 
 EOS = "<|endoftext|>"
 VOCAB_SIZE = 50257
@@ -52,17 +52,11 @@ def build(encoder: Path, merges: Path) -> object:
 
 def check(tok: object) -> None:
     """Raise SystemExit unless ``tok`` is the real GPT-2 tokenizer."""
-    problems = []
-    if len(tok) != VOCAB_SIZE:
-        problems.append(f"vocabulary has {len(tok)} tokens, expected {VOCAB_SIZE}")
-    if tok.eos_token_id != VOCAB_SIZE - 1:
-        problems.append(f"eos id {tok.eos_token_id}, expected {VOCAB_SIZE - 1}")
+    problems = tokenizer_problems(tok, VOCAB_SIZE, VOCAB_SIZE - 1, ROUND_TRIP)
     for text, ids in KNOWN_IDS.items():
         got = tok(text, add_special_tokens=False)["input_ids"]
         if got != ids:
             problems.append(f"{text!r} -> {got}, expected {ids}")
-    if error := round_trip_error(tok, ROUND_TRIP):
-        problems.append(error)
     if problems:
         sys.exit("tokenizer check failed:\n  " + "\n  ".join(problems))
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from codebook.data.text import round_trip_error  # noqa: E402
+from codebook.data.text import tokenizer_problems  # noqa: E402
 
 EOS = "<|endoftext|>"
 ROUND_TRIP = "To be, or not to be: that is the question.\n  Whether 'tis nobler, 1599 — café!"
@@ -27,14 +27,9 @@ ROUND_TRIP = "To be, or not to be: that is the question.\n  Whether 'tis nobler,
 
 def check(tok: object, vocab_size: int) -> None:
     """Raise SystemExit unless ``tok`` has the size, eos id and lossless round trip expected."""
-    problems = []
-    if len(tok) != vocab_size:
-        problems.append(f"vocabulary has {len(tok)} tokens, expected {vocab_size} (too little "
-                        "text for that many merges?)")
-    if tok.eos_token_id != 0:
-        problems.append(f"eos id {tok.eos_token_id}, expected 0")
-    if error := round_trip_error(tok, ROUND_TRIP):
-        problems.append(error)
+    problems = tokenizer_problems(tok, vocab_size, 0, ROUND_TRIP)
+    if len(tok) < vocab_size:
+        problems.append("too little text for that many merges? lower --vocab-size")
     if problems:
         sys.exit("tokenizer check failed:\n  " + "\n  ".join(problems))
 

@@ -89,10 +89,18 @@ def save_tokenizer(tokenizer: Any, out: str | Path, check: Callable[[Any], None]
     return out
 
 
-def round_trip_error(tokenizer: Any, text: str) -> str | None:
-    """None if ``text`` survives encode + decode unchanged, else what came back."""
+def tokenizer_problems(tokenizer: Any, vocab_size: int, eos_id: int, text: str) -> list[str]:
+    """What is wrong with ``tokenizer``: its size, its eos id, or ``text`` not surviving an
+    encode + decode round trip (empty if nothing)."""
+    problems = []
+    if len(tokenizer) != vocab_size:
+        problems.append(f"vocabulary has {len(tokenizer)} tokens, expected {vocab_size}")
+    if tokenizer.eos_token_id != eos_id:
+        problems.append(f"eos id {tokenizer.eos_token_id}, expected {eos_id}")
     back = tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return None if back == text else f"round trip changed the text: {back!r}"
+    if back != text:
+        problems.append(f"round trip changed the text: {back!r}")
+    return problems
 
 
 def pack_batch(texts: list[str], tokenizer: Any, block_size: int) -> np.ndarray:
