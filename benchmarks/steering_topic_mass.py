@@ -10,7 +10,8 @@ run). Two code choices, n codes each (at most k per codebook group):
 * ``ranked``: ``find_topic_codes`` (enriched on the topic texts vs the background), as
   ``pipelines/steer.py`` uses;
 * ``effect``: of each group's top ``--candidates`` ranked codes, the one that alone raises the
-  mass most (one forward pass per candidate), groups by that gain.
+  mass most (``rank_codes_by_effect``, one forward pass per candidate; ``pipelines/steer.py
+  --select effect``), groups by that gain.
 
 Prints one JSON line per topic: ``base_mass``, ``ranked_ratio`` and ``effect_ratio`` (per n),
 and the mean KL (nats) from the unsteered distribution with n codes forced.
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -33,24 +33,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from codebook.data.text import load_tokenizer  # noqa: E402
 from codebook.extraction import load_extraction_model, resolve_model  # noqa: E402
-from codebook.steering import count_codes, find_topic_codes, steered  # noqa: E402
+from codebook.steering import (  # noqa: E402
+    count_codes,
+    find_topic_codes,
+    rank_codes_by_effect,
+    steered,
+    topic_mass,
+    topic_token_ids,
+)
 from pipelines.steer import load_topics  # noqa: E402
-
-
-def topic_token_ids(tokenizer, pattern: re.Pattern) -> list[int]:
-    """Vocabulary entries that are one word (optional leading space) the regex matches whole."""
-    ids = []
-    for i in range(len(tokenizer)):
-        piece = tokenizer.decode([i])
-        if re.fullmatch(r"\s?[A-Za-z]+", piece) and pattern.fullmatch(piece.strip()):
-            ids.append(i)
-    return ids
-
-
-@torch.no_grad()
-def next_token_probs(model, ids: torch.Tensor, codes=()) -> torch.Tensor:
-    with steered(model, codes, "overwrite"):
-        return torch.softmax(model(input_ids=ids).logits[0].float(), -1)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -73,7 +64,8 @@ def main(argv: list[str] | None = None) -> None:
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
     ids = ids[:, : args.tokens]
     background = count_codes(model, tokenizer, spec["background"], sites)
-    p0 = next_token_probs(model, ids)
+    with torch.no_grad():
+        p0 = torch.softmax(model(input_ids=ids).logits[0].float(), -1)
     groups = sum(model.codebooks[s].groups for s in sites)
     for topic in spec["topics"]:
         tt = topic_token_ids(tokenizer, topic["regex"])
@@ -82,27 +74,21 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps({**row, "error": "no vocabulary entry matches the regex"}),
                   flush=True)
             continue
-        base = float(p0[:, tt].sum(-1).mean())
+        base = topic_mass(model, ids, tt)
         ranked = find_topic_codes(model, tokenizer, topic["topic_texts"], background, sites,
                                   top=max(args.codes), max_per_group=k)
         candidates = find_topic_codes(model, tokenizer, topic["topic_texts"], background, sites,
                                       top=groups * args.candidates,
                                       max_per_group=args.candidates)
-        gain: dict[tuple[str, int], tuple[float, dict]] = {}
-        for c in candidates:
-            m = float(next_token_probs(model, ids, [c])[:, tt].sum(-1).mean())
-            key = (c["site"], c["group"])
-            if m > gain.get(key, (-1.0, None))[0]:
-                gain[key] = (m, c)
-        effect = [c for _, c in sorted(gain.values(), key=lambda v: -v[0])]
+        effect = rank_codes_by_effect(model, candidates, ids, tt)
         row.update(base_mass=base, ranked_ratio={}, effect_ratio={}, ranked_kl={})
         for n in args.codes:
-            for name, codes in (("ranked", ranked[:n]), ("effect", effect[:n])):
-                probs = next_token_probs(model, ids, codes)
-                row[f"{name}_ratio"][n] = float(probs[:, tt].sum(-1).mean()) / base
-                if name == "ranked":
-                    kl = (p0 * (p0.clamp_min(1e-12).log() - probs.clamp_min(1e-12).log()))
-                    row["ranked_kl"][n] = float(kl.sum(-1).mean())
+            row["ranked_ratio"][n] = topic_mass(model, ids, tt, ranked[:n]) / base
+            row["effect_ratio"][n] = topic_mass(model, ids, tt, effect[:n]) / base
+            with torch.no_grad(), steered(model, ranked[:n], "overwrite"):
+                logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+            kl = (p0 * (p0.clamp_min(1e-12).log() - logp)).sum(-1).mean()
+            row["ranked_kl"][n] = float(kl)
         print(json.dumps(row), flush=True)
 
 

@@ -10,6 +10,7 @@ included), and ``perplexity`` scores texts under a model, for a fluency check.
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -120,6 +121,48 @@ def find_topic_codes(model: CodebookModel, tokenizer: Any, topic_texts: Sequence
                 capped.append(r)
         found = capped
     return found[:top]
+
+
+def topic_token_ids(tokenizer: Any, pattern: re.Pattern) -> list[int]:
+    """Vocabulary entries that are one word (optional leading space) ``pattern`` matches whole."""
+    ids = []
+    for i in range(len(tokenizer)):
+        piece = tokenizer.decode([i])
+        if re.fullmatch(r"\s?[A-Za-z]+", piece) and pattern.fullmatch(piece.strip()):
+            ids.append(i)
+    return ids
+
+
+@torch.no_grad()
+def topic_mass(model: CodebookModel, input_ids: torch.Tensor, token_ids: Sequence[int],
+               codes: Sequence[dict[str, Any]] = (), mode: ForceMode = "overwrite") -> float:
+    """Mean next-token probability on ``token_ids`` over the positions of ``input_ids`` (1, T),
+    with ``codes`` forced."""
+    device = next(model.parameters()).device
+    with steered(model, codes, mode):
+        probs = torch.softmax(model(input_ids=input_ids.to(device)).logits[0].float(), -1)
+    return float(probs[:, list(token_ids)].sum(-1).mean())
+
+
+def rank_codes_by_effect(model: CodebookModel, candidates: Sequence[dict[str, Any]],
+                         input_ids: torch.Tensor, token_ids: Sequence[int],
+                         mode: ForceMode = "overwrite") -> list[dict[str, Any]]:
+    """Per codebook group, the candidate that alone raises ``topic_mass`` most; best first.
+
+    One forward pass per candidate. Each returned code gets ``gain``: its mass over the
+    unsteered mass. Candidates that lower the mass are dropped.
+    """
+    if not token_ids:
+        raise ConfigError("regex", "matches no single-word token of the vocabulary",
+                          "rank codes by enrichment instead, or use a regex over whole words")
+    base = topic_mass(model, input_ids, token_ids)
+    best: dict[tuple[str, int], dict[str, Any]] = {}
+    for c in candidates:
+        gain = topic_mass(model, input_ids, token_ids, [c], mode) / max(base, 1e-30)
+        key = (c["site"], int(c["group"]))
+        if gain > max(1.0, best.get(key, {}).get("gain", 0.0)):
+            best[key] = {**c, "gain": gain}
+    return sorted(best.values(), key=lambda c: -c["gain"])
 
 
 def codes_by_site(codes: Sequence[dict[str, Any]]) -> dict[str, dict[int, list[int]]]:

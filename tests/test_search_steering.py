@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,15 @@ from codebook.analysis.search import CodeRef, StoreSearch
 from codebook.data.text import load_tokenizer
 from codebook.errors import ConfigError
 from codebook.extraction import load_extraction_model
-from codebook.steering import count_codes, find_topic_codes, generate, rank_topic_codes
+from codebook.steering import (
+    count_codes,
+    find_topic_codes,
+    generate,
+    rank_codes_by_effect,
+    rank_topic_codes,
+    topic_mass,
+    topic_token_ids,
+)
 from codebook.store import list_to_numpy
 from pipelines import steer as steer_cli
 
@@ -225,3 +234,45 @@ def test_steering_probe_benchmark_prints_mass_ratios_per_topic(setup, tmp_path):
     # the effect choice takes, per group, the candidate that raises the mass most
     assert months["effect_ratio"]["1"] >= months["ranked_ratio"]["1"] - 1e-9
     assert none["error"].startswith("no vocabulary entry")
+
+
+def test_effect_ranking_keeps_each_groups_best_code_by_measured_gain(model_and_tok):
+    model, tok = model_and_tok
+    pattern = re.compile(MONTHS, re.IGNORECASE)
+    words = topic_token_ids(tok, pattern)
+    assert words and all(pattern.fullmatch(tok.decode([i]).strip()) for i in words)
+    ids = tok("the king went to the river in the morning and the", return_tensors="pt",
+              add_special_tokens=False)["input_ids"]
+    candidates = [{"site": s, "group": g, "code": c} for s in ("attn_heads_1", "mlp_1")
+                  for g in range(model.codebooks[s].groups) for c in range(0, 300, 30)]
+    ranked = rank_codes_by_effect(model, candidates, ids, words)
+    base = topic_mass(model, ids, words)
+    assert ranked and len({(c["site"], c["group"]) for c in ranked}) == len(ranked)
+    assert [c["gain"] for c in ranked] == sorted((c["gain"] for c in ranked), reverse=True)
+    for c in ranked[:3]:  # the gain is what forcing the code alone measures, and the group's best
+        assert c["gain"] == pytest.approx(topic_mass(model, ids, words, [c]) / base)
+        same = [d for d in candidates if (d["site"], d["group"]) == (c["site"], c["group"])]
+        assert c["gain"] >= max(topic_mass(model, ids, words, [d]) for d in same) / base - 1e-9
+    with pytest.raises(ConfigError, match="no single-word token"):
+        rank_codes_by_effect(model, candidates, ids, [])
+
+
+def test_steer_pipeline_effect_selection_and_its_early_error(setup, tmp_path):
+    topics = tmp_path / "topics.yaml"
+    topics.write_text(
+        "prompts: ['the king']\n"
+        f"background_files: ['{setup['root'] / 'corpus'}']\n"
+        "topics:\n"
+        f"  - {{name: months, regex: '{MONTHS}', topic_texts: ['in May and June, then July "
+        "and August, May again']}\n")
+    args = ["--model", str(setup["root"] / "model"), "--samples", "1", "--max-new-tokens", "4",
+            "--codes", "2", "--select", "effect", "--candidates", "3"]
+    summary = steer_cli.main([*args, "--topics", str(topics), "--out", str(tmp_path / "out")])
+    (row,) = summary["topics"]
+    groups = [name.rsplit(".", 1)[0] for name in row["codes_used"]]
+    assert len(groups) <= 2 and len(set(groups)) == len(groups)  # one code per group
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(topics.read_text().replace(MONTHS, "zzqq"))
+    with pytest.raises(SystemExit, match=r"topics\[0\].regex.*no single-word token"):
+        steer_cli.main([*args, "--topics", str(bad), "--out", str(tmp_path / "bad")])
+    assert not (tmp_path / "bad").exists()  # stopped before any work
