@@ -240,7 +240,7 @@ def write_outputs(result: dict[str, Any], out: Path, uri: str, args: argparse.Na
     with atomic_write(out / "steering.json") as fh:
         json.dump(result["rows"], fh, indent=2)
     params = {"model": model_path, "samples": str(args.samples), "codes": str(args.codes),
-              "mode": args.mode,
+              "mode": args.mode, "select": args.select, "candidates": str(args.candidates),
               "max_new_tokens": str(args.max_new_tokens), "seed": str(args.seed),
               "topics": args.topics}
     run_id = start_run(uri, args.experiment, f"steer-{Path(args.topics).stem}", params, {})

@@ -271,6 +271,11 @@ def test_steer_pipeline_effect_selection_and_its_early_error(setup, tmp_path):
     (row,) = summary["topics"]
     groups = [name.rsplit(".", 1)[0] for name in row["codes_used"]]
     assert len(groups) <= 2 and len(set(groups)) == len(groups)  # one code per group
+    from mlflow.tracking import MlflowClient
+
+    params = MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}").get_run(
+        summary["mlflow_run_id"]).data.params
+    assert params["select"] == "effect" and params["candidates"] == "3"
     bad = tmp_path / "bad.yaml"
     bad.write_text(topics.read_text().replace(MONTHS, "zzqq"))
     with pytest.raises(SystemExit, match=r"topics\[0\].regex.*no single-word token"):
