@@ -2,9 +2,10 @@
 
 ``find_topic_codes`` runs the model over topic and background texts and ranks the codes that
 fire more on the topic (log rate ratio with add-one smoothing, plus precision and recall per
-code);
-``generate`` samples with a set of codes forced on at every position (generated tokens
-included), and ``perplexity`` scores texts under a model, for a fluency check.
+code); ``rank_codes_by_effect`` reorders candidates by how much each, forced alone, raises the
+probability of the topic's words (``topic_mass``); ``generate`` samples with a set of codes
+forced on at every position (generated tokens included), and ``perplexity`` scores texts under
+a model, for a fluency check.
 """
 
 from __future__ import annotations

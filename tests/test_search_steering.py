@@ -212,16 +212,20 @@ def test_steer_pipeline_reports_rates_and_logs_samples(setup, tmp_path):
         steer_cli.main(["--model", str(setup["root"] / "model"), "--topics", str(bad)])
 
 
+def months_topics(setup) -> str:
+    """A topics file (YAML text) with one topic, months, over the test corpus as background."""
+    return ("prompts: ['the king']\n"
+            f"background_files: ['{setup['root'] / 'corpus'}']\n"
+            "topics:\n"
+            f"  - {{name: months, regex: '{MONTHS}', topic_texts: ['in May and June, then July "
+            "and August, May again']}\n")
+
+
 def test_steering_probe_benchmark_prints_mass_ratios_per_topic(setup, tmp_path):
     """benchmarks/steering_topic_mass.py: forced topic codes vs the same text unsteered."""
     topics = tmp_path / "topics.yaml"
-    topics.write_text(
-        "prompts: ['the king']\n"
-        f"background_files: ['{setup['root'] / 'corpus'}']\n"
-        "topics:\n"
-        f"  - {{name: months, regex: '{MONTHS}', topic_texts: ['in May and June, then July "
-        "and August, May again']}\n"
-        "  - {name: none, regex: 'zzzz', topic_texts: ['May']}\n")
+    topics.write_text(months_topics(setup) + "  - {name: none, regex: 'zzzz', "
+                                             "topic_texts: ['May']}\n")
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "steering_topic_mass.py"
     done = subprocess.run([sys.executable, str(script), "--model", str(setup["root"] / "model"),
                            "--topics", str(topics), "--codes", "1", "3", "--candidates", "4",
@@ -259,12 +263,7 @@ def test_effect_ranking_keeps_each_groups_best_code_by_measured_gain(model_and_t
 
 def test_steer_pipeline_effect_selection_and_its_early_error(setup, tmp_path):
     topics = tmp_path / "topics.yaml"
-    topics.write_text(
-        "prompts: ['the king']\n"
-        f"background_files: ['{setup['root'] / 'corpus'}']\n"
-        "topics:\n"
-        f"  - {{name: months, regex: '{MONTHS}', topic_texts: ['in May and June, then July "
-        "and August, May again']}\n")
+    topics.write_text(months_topics(setup))
     args = ["--model", str(setup["root"] / "model"), "--samples", "1", "--max-new-tokens", "4",
             "--codes", "2", "--select", "effect", "--candidates", "3"]
     summary = steer_cli.main([*args, "--topics", str(topics), "--out", str(tmp_path / "out")])
