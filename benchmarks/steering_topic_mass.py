@@ -35,8 +35,8 @@ from codebook.data.text import load_tokenizer  # noqa: E402
 from codebook.extraction import load_extraction_model, resolve_model  # noqa: E402
 from codebook.steering import (  # noqa: E402
     count_codes,
+    find_codes_by_effect,
     find_topic_codes,
-    rank_codes_by_effect,
     steered,
     topic_mass,
     topic_token_ids,
@@ -66,7 +66,6 @@ def main(argv: list[str] | None = None) -> None:
     background = count_codes(model, tokenizer, spec["background"], sites)
     with torch.no_grad():
         p0 = torch.softmax(model(input_ids=ids).logits[0].float(), -1)
-    groups = sum(model.codebooks[s].groups for s in sites)
     for topic in spec["topics"]:
         tt = topic_token_ids(tokenizer, topic["regex"])
         row = {"topic": topic["name"], "topic_tokens": len(tt)}
@@ -77,10 +76,8 @@ def main(argv: list[str] | None = None) -> None:
         base = topic_mass(model, ids, tt)
         ranked = find_topic_codes(model, tokenizer, topic["topic_texts"], background, sites,
                                   top=max(args.codes), max_per_group=k)
-        candidates = find_topic_codes(model, tokenizer, topic["topic_texts"], background, sites,
-                                      top=groups * args.candidates,
-                                      max_per_group=args.candidates)
-        effect = rank_codes_by_effect(model, candidates, ids, tt)
+        effect = find_codes_by_effect(model, tokenizer, topic["topic_texts"], background,
+                                      sites, ids, tt, args.candidates)
         row.update(base_mass=base, ranked_ratio={}, effect_ratio={}, ranked_kl={})
         for n in args.codes:
             row["ranked_ratio"][n] = topic_mass(model, ids, tt, ranked[:n]) / base

@@ -166,6 +166,20 @@ def rank_codes_by_effect(model: CodebookModel, candidates: Sequence[dict[str, An
     return sorted(best.values(), key=lambda c: -c["gain"])
 
 
+def find_codes_by_effect(model: CodebookModel, tokenizer: Any, topic_texts: Sequence[str],
+                         background: Sequence[str] | tuple[dict[str, np.ndarray], int],
+                         sites: list[str], input_ids: torch.Tensor, token_ids: Sequence[int],
+                         candidates: int = 20, min_count: int = 2,
+                         mode: ForceMode = "overwrite") -> list[dict[str, Any]]:
+    """``rank_codes_by_effect`` over each group's ``candidates`` codes most enriched on the
+    topic (``find_topic_codes``): one code per group, the best gain first."""
+    groups = sum(model.codebooks[s].groups for s in sites)
+    ranked = find_topic_codes(model, tokenizer, topic_texts, background, sites,
+                              top=groups * candidates, min_count=min_count,
+                              max_per_group=candidates)
+    return rank_codes_by_effect(model, ranked, input_ids, token_ids, mode)
+
+
 def codes_by_site(codes: Sequence[dict[str, Any]]) -> dict[str, dict[int, list[int]]]:
     """``[{site, group, code}, ...]`` -> ``{site: {group: [code, ...]}}`` for ``force_codes``."""
     out: dict[str, dict[int, list[int]]] = {}

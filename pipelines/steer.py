@@ -121,10 +121,10 @@ def run(args: argparse.Namespace, spec: dict[str, Any], model: Any, tokenizer: A
     """Find codes, generate, score; returns the table rows and all samples."""
     from codebook.steering import (
         count_codes,
+        find_codes_by_effect,
         find_topic_codes,
         generate,
         perplexity,
-        rank_codes_by_effect,
     )
 
     def rate(samples, pattern) -> float:
@@ -148,13 +148,9 @@ def run(args: argparse.Namespace, spec: dict[str, Any], model: Any, tokenizer: A
     rows, samples = [], [{**s, "topic": None, "condition": "baseline"} for s in baseline]
     for topic in spec["topics"]:
         if args.select == "effect":
-            groups = sum(model.codebooks[s].groups for s in sites)
-            candidates = find_topic_codes(model, tokenizer, topic["topic_texts"], background,
-                                          sites, top=groups * args.candidates,
-                                          min_count=args.min_count,
-                                          max_per_group=args.candidates)
-            codes = rank_codes_by_effect(model, candidates, probe, topic["token_ids"],
-                                         args.mode)[:args.codes]
+            codes = find_codes_by_effect(model, tokenizer, topic["topic_texts"], background,
+                                         sites, probe, topic["token_ids"], args.candidates,
+                                         args.min_count, args.mode)[:args.codes]
         else:
             codes = find_topic_codes(model, tokenizer, topic["topic_texts"], background, sites,
                                      top=args.codes, min_count=args.min_count,
