@@ -14,7 +14,10 @@ run). Two code choices, n codes each (at most k per codebook group):
   --select effect``), groups by that gain.
 
 Prints one JSON line per topic: ``base_mass``, ``ranked_ratio`` and ``effect_ratio`` (per n),
-and the mean KL (nats) from the unsteered distribution with n codes forced.
+the mean KL (nats) from the unsteered distribution with n codes forced, and ``topic_text_mass``:
+the same mass, unsteered, on the topic's own texts (their first ``--tokens`` tokens), which is
+what the model does when the topic is really in its context. Steering that reaches it writes
+like a topic text; sampled text then matches the regex at about ``1 - (1 - mass) ** tokens``.
 
     python benchmarks/steering_topic_mass.py --model CKPT --tokenizer TOK \\
         --topics configs/steering/text_steer_topics.yaml [--codes 4 10 16]
@@ -74,11 +77,15 @@ def main(argv: list[str] | None = None) -> None:
                   flush=True)
             continue
         base = topic_mass(model, ids, tt)
+        own = [tokenizer(t, return_tensors="pt", add_special_tokens=False)["input_ids"]
+               for t in topic["topic_texts"]]
+        own_mass = [topic_mass(model, t[:, : args.tokens], tt) for t in own if t.shape[1] > 1]
         ranked = find_topic_codes(model, tokenizer, topic["topic_texts"], background, sites,
                                   top=max(args.codes), max_per_group=k)
         effect = find_codes_by_effect(model, tokenizer, topic["topic_texts"], background,
                                       sites, ids, tt, args.candidates)
-        row.update(base_mass=base, ranked_ratio={}, effect_ratio={}, ranked_kl={})
+        row.update(base_mass=base, topic_text_mass=sum(own_mass) / max(len(own_mass), 1),
+                   ranked_ratio={}, effect_ratio={}, ranked_kl={})
         for n in args.codes:
             row["ranked_ratio"][n] = topic_mass(model, ids, tt, ranked[:n]) / base
             row["effect_ratio"][n] = topic_mass(model, ids, tt, effect[:n]) / base

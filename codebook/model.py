@@ -178,9 +178,12 @@ class CodebookModel(nn.Module):
         return result
 
     # ------------------------------------------------------------------ save / load
-    def save_pretrained(self, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None
-                        ) -> Path:
-        """Write an HF model folder plus codebooks, atomically (temp folder, then rename)."""
+    def save_pretrained(self, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None,
+                        tokenizer: Any = None) -> Path:
+        """Write an HF model folder plus codebooks, atomically (temp folder, then rename).
+
+        With ``tokenizer`` its files go in the same folder, so the model is never read with
+        another tokenizer than the one it was trained with."""
         path = Path(path)
         with atomic_dir(path) as tmp:
             base_sd = None
@@ -193,6 +196,8 @@ class CodebookModel(nn.Module):
                          if k.startswith("codebooks.")}
             save_file(codebooks, str(tmp / CODEBOOK_WEIGHTS_FILE))
             self.codebook_config.save(tmp / CODEBOOK_CONFIG_FILE)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
         return path
 
     @classmethod

@@ -205,8 +205,9 @@ def generate(model: CodebookModel, tokenizer: Any, prompts: Sequence[str], sampl
              seed: int = 0, mode: ForceMode = "add") -> list[dict[str, Any]]:
     """``samples`` continuations per prompt, with ``codes`` forced on (none: baseline).
 
-    Seeded per (prompt, sample), so baseline and steered samples share their random draws.
-    Returns dicts with ``prompt``, ``sample``, ``text`` (the continuation only).
+    A prompt's samples are drawn as one batch seeded per prompt, so baseline and steered
+    samples share their random draws. Returns dicts with ``prompt``, ``sample``, ``text`` (the
+    continuation only).
     """
     if not prompts:
         raise ConfigError("prompts", "empty", "give at least one prompt")
@@ -219,15 +220,15 @@ def generate(model: CodebookModel, tokenizer: Any, prompts: Sequence[str], sampl
                 bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else \
                     tokenizer.eos_token_id
                 ids = torch.tensor([[bos]])
-            for s_i in range(samples):
-                torch.manual_seed(seed * 1_000_003 + p_i * 1009 + s_i)
-                kwargs = {"do_sample": do_sample, "max_new_tokens": max_new_tokens,
-                          "pad_token_id": tokenizer.eos_token_id}
-                if do_sample:
-                    kwargs.update(temperature=temperature, top_k=top_k)
-                gen = model.generate(ids.to(device), attention_mask=torch.ones_like(ids).to(
-                    device), **kwargs)
-                text = tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
+            ids = ids.repeat(samples, 1).to(device)
+            torch.manual_seed(seed * 1_000_003 + p_i * 1009)
+            kwargs = {"do_sample": do_sample, "max_new_tokens": max_new_tokens,
+                      "pad_token_id": tokenizer.eos_token_id}
+            if do_sample:
+                kwargs.update(temperature=temperature, top_k=top_k)
+            gen = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+            for s_i, row in enumerate(gen[:, ids.shape[1]:]):
+                text = tokenizer.decode(row, skip_special_tokens=True)
                 out.append({"prompt": prompt, "sample": s_i, "text": text})
     return out
 

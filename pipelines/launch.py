@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,26 @@ def worker_loop(config: dict[str, Any]) -> None:
               config.get("mlflow_run_id"))
 
 
+def block_batches(shard: Any, batch_size: int, shuffle_buffer: int, seed: int,
+                  start: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless training batches from a Ray Data iterator, epoch after epoch, skipping the
+    first ``start`` (what a resumed run already consumed).
+
+    With ``shuffle_buffer`` > 0 each epoch goes through a local shuffle buffer seeded by
+    ``seed`` and the epoch number, so a resume replays the same order; 0 keeps corpus order.
+    """
+    seen, epoch = 0, 0
+    while True:  # every rank sees the same number of batches (equal split)
+        kwargs = {"local_shuffle_buffer_size": shuffle_buffer,
+                  "local_shuffle_seed": seed + 1000 * epoch} if shuffle_buffer else {}
+        for b in shard.iter_torch_batches(batch_size=batch_size, dtypes=torch.long,
+                                          drop_last=True, **kwargs):
+            seen += 1
+            if seen > start:
+                yield {"input_ids": b["input_ids"]}
+        epoch += 1
+
+
 def _loop_data(cfg: TrainConfig, workers: Workers) -> LoopData:
     bs = cfg.optim.batch_size
     if cfg.data.source == "fsm":
@@ -89,13 +110,8 @@ def _loop_data(cfg: TrainConfig, workers: Workers) -> LoopData:
     eval_shard = ray.train.get_dataset_shard("eval")
 
     def train_batches(start: int):
-        seen = 0
-        while True:  # epochs; every rank sees the same number of batches (equal split)
-            for b in train_shard.iter_torch_batches(batch_size=bs, dtypes=torch.long,
-                                                    drop_last=True):
-                seen += 1
-                if seen > start:  # skip what a resumed run already consumed
-                    yield {"input_ids": b["input_ids"]}
+        return block_batches(train_shard, bs, cfg.data.shuffle_buffer,
+                             cfg.run.seed + workers.rank, start)
 
     def eval_batches():
         for b in eval_shard.iter_torch_batches(batch_size=bs, dtypes=torch.long):

@@ -1,7 +1,7 @@
 """Topic steering: find each topic's codes automatically, then generate with them switched on.
 
-    python pipelines/steer.py --model RUN/checkpoint_xxx --tokenizer data/tokenizers/gpt2-bpe \\
-        --topics configs/steer_topics.yaml
+    python pipelines/steer.py --model RUN/checkpoint_xxx \\
+        --topics configs/steering/text_steer_topics.yaml
 
 The topics file (YAML)::
 
@@ -18,8 +18,9 @@ the perplexity of both under the model with its codebooks off (a fluency check).
 table go to MLflow; the last line printed is JSON with per-topic ``baseline_rate``,
 ``steered_rate`` and ``codes_used``. ``--select effect`` instead tries each group's most enriched
 codes one at a time and keeps, per group, the one that raises the model's probability of the
-topic's words most (measured on the first background text); on the 1-layer text model it moved
-that probability 3-76x where the enriched codes moved it 0.2-3x
+topic's words most (measured on the first background text). On the 1-layer text model
+(``configs/text_steer.yaml``) 2 such codes per topic took 6 of 8 topics from <= 10% to >= 98%
+matches in 200-token samples; the enriched codes, 4 per topic, 7 of 8 to >= 62%
 (``benchmarks/results/steering_text_steer.md``).
 """
 
@@ -50,7 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--topics", required=True, help="topics YAML (see the module docstring)")
     p.add_argument("--prompts", nargs="*", help="overrides the topics file's prompts")
     p.add_argument("--samples", type=int, default=10, help="samples per prompt, per condition")
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--max-new-tokens", type=int, default=200,
+                   help="tokens per sample (the paper scored 200-token samples)")
     p.add_argument("--codes", type=int, default=10, help="codes per topic")
     p.add_argument("--min-count", type=int, default=2, help="topic firings a code needs")
     p.add_argument("--sites", nargs="*", help="sites to take codes from (default: all)")

@@ -233,6 +233,7 @@ def test_steering_probe_benchmark_prints_mass_ratios_per_topic(setup, tmp_path):
     assert done.returncode == 0, done.stderr
     months, none = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert months["topic_tokens"] > 0 and 0 < months["base_mass"] < 1
+    assert 0 < months["topic_text_mass"] < 1
     for key in ("ranked_ratio", "effect_ratio", "ranked_kl"):
         assert set(months[key]) == {"1", "3"} and all(v >= 0 for v in months[key].values())
     # the effect choice takes, per group, the candidate that raises the mass most

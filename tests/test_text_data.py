@@ -158,6 +158,12 @@ def test_train_on_text_files(local_ray, tmp_path, tok_dir, tokenizer):
     summary = _fit(tmp_path, tok_dir, tokenizer, "text", "text", corpus)
     assert summary["steps"] == 4
     assert math.isfinite(summary["final_eval_loss"]) and math.isfinite(summary["final_train_loss"])
+    # The checkpoint carries its training tokenizer: steering and extraction read the model
+    # folder with the very vocabulary it was trained on.
+    saved = load_tokenizer(str(Path(summary["checkpoint"]) / "hf"))
+    probe = "\n".join(text[:5])
+    assert saved(probe)["input_ids"] == tokenizer(probe)["input_ids"]
+    assert saved.get_vocab() == tokenizer.get_vocab()
 
 
 @pytest.mark.slow
@@ -172,3 +178,37 @@ def test_train_on_parquet(local_ray, tmp_path, tok_dir, tokenizer):
     summary = _fit(tmp_path, tok_dir, tokenizer, "parquet", "parquet", corpus)
     assert summary["steps"] == 4
     assert math.isfinite(summary["final_eval_loss"]) and math.isfinite(summary["final_train_loss"])
+
+
+def _ids(batches, n: int) -> list[int]:
+    """The first token of each block in the next ``n`` batches (blocks are numbered 0..)."""
+    return [int(row[0]) for _ in range(n) for row in next(batches)["input_ids"]]
+
+
+def test_training_batches_are_shuffled_per_epoch_and_replay_on_resume(local_ray):
+    """The training blocks go through a seeded shuffle buffer: corpus order is broken, every
+    epoch is a permutation of the blocks (a different one each epoch), and a resumed run
+    (``start``) gets exactly the batches a fresh run would have had next."""
+    import ray.data
+
+    from pipelines.launch import block_batches
+
+    blocks = np.zeros((64, 4), dtype=np.int64)
+    blocks[:, 0] = np.arange(64)  # block i starts with token i
+    ds = ray.data.from_numpy(blocks).rename_columns({"data": "input_ids"})
+    ordered = _ids(block_batches(ds.iterator(), 8, 0, seed=0), 8)
+    assert ordered == list(range(64))
+
+    fresh = block_batches(ds.iterator(), 8, 1000, seed=0)
+    epoch1, epoch2 = _ids(fresh, 8), _ids(fresh, 8)
+    assert sorted(epoch1) == sorted(epoch2) == list(range(64))
+    assert epoch1 != ordered and epoch2 != epoch1
+    assert _ids(block_batches(ds.iterator(), 8, 1000, seed=0), 16) == epoch1 + epoch2
+    resumed = block_batches(ds.iterator(), 8, 1000, seed=0, start=5)
+    assert _ids(resumed, 11) == (epoch1 + epoch2)[5 * 8:]
+    assert _ids(block_batches(ds.iterator(), 8, 1000, seed=1), 8) != epoch1
+
+
+def test_negative_shuffle_buffer_is_a_config_error(tmp_path, tok_dir, tokenizer):
+    with pytest.raises(ConfigError, match="data.shuffle_buffer"):
+        text_config(tmp_path, tok_dir, tokenizer, "neg", **{"data.shuffle_buffer": "-1"})

@@ -66,6 +66,11 @@ class DataSection:
     block_size: int = 128
     eval_blocks: int = 256
     max_blocks: int | None = None
+    # Training blocks are drawn through a shuffle buffer of this many blocks per worker (seeded
+    # per epoch, so resumes see the same order); 0 keeps corpus order. In corpus order a batch
+    # is consecutive blocks of one document and a model learns to track the current document in
+    # its weights rather than to read its context.
+    shuffle_buffer: int = 16384
 
 
 @dataclass
@@ -208,6 +213,9 @@ class TrainConfig:
         if d.source != "fsm" and self.model.tokenizer is None and self.model.name_or_path is None:
             raise ConfigError("model.tokenizer", "text data needs a tokenizer",
                               "set model.tokenizer to a tokenizer folder or hub name")
+        if d.shuffle_buffer < 0:
+            raise ConfigError("data.shuffle_buffer", f"got {d.shuffle_buffer}",
+                              "use a number of blocks, or 0 for corpus order")
         if d.block_size < 2:
             raise ConfigError("data.block_size", f"got {d.block_size}", "use at least 2 tokens")
         return self

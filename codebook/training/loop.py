@@ -105,6 +105,7 @@ def train(cfg: TrainConfig, data: LoopData, reporter: Reporter, workers: Workers
     model.set_step(state.step)
     accum = cfg.optim.grad_accum
     batches = data.train(state.micro_batches)
+    tokenizer = checkpoint_tokenizer(cfg) if workers.rank == 0 else None
     loss_sum = torch.zeros(3, device=workers.device)  # total, lm, recon over the log window
     window_steps, window_tokens, t0 = 0, 0, time.perf_counter()
     start_step, start_time = state.step, time.perf_counter()
@@ -161,7 +162,7 @@ def train(cfg: TrainConfig, data: LoopData, reporter: Reporter, workers: Workers
             last.update(ev)
             model.train()
         if state.step % cfg.run.checkpoint_every == 0 or is_last:
-            save_checkpoint(model, engine, state, workers, reporter, last)
+            save_checkpoint(model, engine, state, workers, reporter, last, tokenizer)
         t0 += time.perf_counter() - paused
     return {"steps": state.step, "tokens": state.tokens,
             "final_train_loss": last.get("train/loss"), "final_eval_loss": last.get("eval/loss"),
@@ -210,12 +211,22 @@ class _recording_stats:
 
 
 # ---------------------------------------------------------------------- checkpoints
+def checkpoint_tokenizer(cfg: TrainConfig) -> Any:
+    """The tokenizer the text data is tokenised with (None for the FSM source, which has none)."""
+    if cfg.data.source == "fsm":
+        return None
+    from codebook.data.text import load_tokenizer
+
+    return load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path)
+
+
 def save_checkpoint(model: CodebookModel, engine, state: TrainState, workers: Workers,
-                    reporter: Reporter, metrics: dict[str, float]) -> None:
+                    reporter: Reporter, metrics: dict[str, float], tokenizer: Any = None) -> None:
     """Every rank writes its files to a fresh local folder, then hands it to the reporter.
 
-    Rank 0 adds the model in HF format (``hf/``: safetensors + configs) and the trainer state
-    (step, data position, MLflow run id). Files are written to temporary names first.
+    Rank 0 adds the model in HF format (``hf/``: safetensors + configs, and the training
+    tokenizer's files) and the trainer state (step, data position, MLflow run id). Files are
+    written to temporary names first.
     """
     directory = Path(tempfile.mkdtemp(prefix=f"ckpt-{state.step:08d}-"))
     try:
@@ -223,7 +234,7 @@ def save_checkpoint(model: CodebookModel, engine, state: TrainState, workers: Wo
         params = list(model.parameters())
         with engine.full_params(params):
             if workers.rank == 0:
-                model.save_pretrained(directory / HF_DIR)
+                model.save_pretrained(directory / HF_DIR, tokenizer=tokenizer)
         if workers.rank == 0:
             with atomic_write(directory / STATE_FILE) as fh:
                 json.dump(asdict(state), fh, indent=2)
