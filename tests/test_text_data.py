@@ -212,3 +212,14 @@ def test_training_batches_are_shuffled_per_epoch_and_replay_on_resume(local_ray)
 def test_negative_shuffle_buffer_is_a_config_error(tmp_path, tok_dir, tokenizer):
     with pytest.raises(ConfigError, match="data.shuffle_buffer"):
         text_config(tmp_path, tok_dir, tokenizer, "neg", **{"data.shuffle_buffer": "-1"})
+
+
+def test_shuffle_buffer_benchmark_reports_both_rates_and_their_ratio():
+    script = REPO / "benchmarks" / "shuffle_buffer.py"
+    done = subprocess.run([sys.executable, str(script), "--blocks", "640", "--block-size", "8",
+                           "--buffer", "256"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    row = json.loads(done.stdout.strip().splitlines()[-1])
+    assert row["ordered_blocks_per_s"] > 0 and row["shuffled_blocks_per_s"] > 0
+    assert row["ratio"] == pytest.approx(row["shuffled_blocks_per_s"] / row["ordered_blocks_per_s"],
+                                         rel=0.01)
