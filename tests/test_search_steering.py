@@ -233,7 +233,13 @@ def test_steering_probe_benchmark_prints_mass_ratios_per_topic(setup, tmp_path):
     assert done.returncode == 0, done.stderr
     months, none = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert months["topic_tokens"] > 0 and 0 < months["base_mass"] < 1
-    assert 0 < months["topic_text_mass"] < 1
+    # unsteered mass on the topic's own text: the library's topic_mass, computed here apart
+    model = load_extraction_model(str(setup["root"] / "model"))
+    tok = load_tokenizer(str(setup["root"] / "model"))
+    text = "in May and June, then July and August, May again"
+    ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"][:, :32]
+    want = topic_mass(model, ids, topic_token_ids(tok, re.compile(MONTHS, re.IGNORECASE)))
+    assert 0 < months["topic_text_mass"] == pytest.approx(want, rel=1e-5)
     for key in ("ranked_ratio", "effect_ratio", "ranked_kl"):
         assert set(months[key]) == {"1", "3"} and all(v >= 0 for v in months[key].values())
     # the effect choice takes, per group, the candidate that raises the mass most
