@@ -6,6 +6,12 @@ groups are scored in one batched matmul. Scores are computed without autograd, i
 tokens, so the (tokens x num_codes) score matrix is never kept for backward; only the chosen
 indices are. Gradients: straight-through to the input, and to the codes through the task loss
 and the reconstruction loss ``mean_tokens(sum_d (out - sg[in])^2)``.
+
+Precision: scoring, k-means and the loss terms run in fp32 whatever the compute dtype (in bf16,
+euclidean's ``2x.c - |c|^2`` cancels badly and near-ties are decided by rounding), and the
+statistics buffers stay fp32 under any ``.to(dtype)`` cast (in bf16 a count stops at 256).
+Under activation checkpointing the recomputed forward (run inside backward) updates no
+statistics, so each token is counted once.
 """
 
 from __future__ import annotations
@@ -85,6 +91,18 @@ class CodebookLayer(nn.Module):
         self.last_losses: LayerLosses | None = None
         self.enabled = True
 
+    # Buffers that accumulate: kept fp32 whatever dtype the module is cast to.
+    _FP32_BUFFERS = ("code_counts", "stat_sums", "recent")
+
+    def _apply(self, fn, recurse: bool = True):
+        """Module casts (``.to(bf16)``, DeepSpeed's ``.bfloat16()``) leave the statistics fp32."""
+        super()._apply(fn, recurse)
+        for name in self._FP32_BUFFERS:
+            buf = getattr(self, name)
+            if buf.is_floating_point() and buf.dtype != torch.float32:
+                setattr(self, name, buf.float())
+        return self
+
     # ------------------------------------------------------------------ scoring
     def _score_operands(self, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """What scoring needs from the codes, computed once per call rather than per chunk:
@@ -109,7 +127,8 @@ class CodebookLayer(nn.Module):
                disabled: torch.Tensor | None = None) -> torch.Tensor:
         """Top-k code ids (n, groups, k) for x (n, groups, group_dim), scored in token chunks."""
         k = self.k if k is None else k
-        rhs, sq_norms = self._score_operands(self.codes.detach().to(x.dtype))
+        x = x.float()
+        rhs, sq_norms = self._score_operands(self.codes.detach().float())
         mask = None if disabled is None else disabled.unsqueeze(1)
         out = []
         # a chunk holds score_chunk_tokens (token, group) rows of num_codes scores
@@ -117,7 +136,7 @@ class CodebookLayer(nn.Module):
             s = self._scores(chunk, rhs, sq_norms)
             if mask is not None:
                 s.masked_fill_(mask, float("-inf"))
-            ids = s.argmax(-1, keepdim=True) if k == 1 else s.topk(k, dim=-1).indices
+            ids = topk_indices(s, k)
             out.append(ids.transpose(0, 1))
         return torch.cat(out) if len(out) > 1 else out[0]
 
@@ -153,15 +172,15 @@ class CodebookLayer(nn.Module):
         if self.editors:
             idx, weight = self._apply_editors(idx, lead, positions)
         out = self.lookup(idx, weight).to(x.dtype)
-        target = x.detach()
-        err = (out - target).pow(2).sum(dim=(-1, -2))
+        out32, x32 = out.float(), x.float()
+        err = (out32 - x32.detach()).pow(2).sum(dim=(-1, -2))
         self.last_losses = LayerLosses(
             recon=err.mean(),
-            commit=(x - out.detach()).pow(2).sum(dim=(-1, -2)).mean(),
+            commit=(x32 - out32.detach()).pow(2).sum(dim=(-1, -2)).mean(),
         )
-        if self.training or self.track_stats:
-            self._update_stats(x, out, idx, weight, err)
-        if self.recording:
+        if (self.training or self.track_stats) and not _in_backward():
+            self._update_stats(x32, out32, idx, weight, err)
+        if self.recording and not _in_backward():
             ids = idx if weight is None else idx.masked_fill(weight == 0, -1)
             self.recorded_codes.append(ids.reshape(*lead, self.groups, -1))
             if self.record_inputs:
@@ -272,7 +291,7 @@ class CodebookLayer(nn.Module):
         With ``combine='sum'`` the centroids are divided by k, so that a sum of k codes starts at
         the scale of the activations.
         """
-        x = samples.reshape(-1, self.groups, self.group_dim).to(self.codes.dtype)
+        x = samples.reshape(-1, self.groups, self.group_dim).float()
         if self.layer_norm:
             x = F.layer_norm(x, (self.group_dim,))
         n = x.shape[0]
@@ -300,6 +319,41 @@ class CodebookLayer(nn.Module):
             centroids = centroids / self.k
         self.codes.copy_(centroids)
         self.steps_unused.zero_()
+
+
+def _block_size(n: int, k: int) -> int | None:
+    """A divisor of ``n`` near 128 for :func:`topk_indices`, or None where blocks do not pay."""
+    if n < 2048 or k > 32:
+        return None
+    divisors = [b for b in range(32, 513) if n % b == 0 and n // b >= 4 * k]
+    return min(divisors, key=lambda b: abs(b - 128)) if divisors else None
+
+
+def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` largest scores along the last dim, largest first; as
+    ``scores.topk(k).indices`` for distinct scores, but in two cheap passes for large dims.
+
+    The last dim is cut into equal blocks; the k blocks with the largest maxima hold every
+    top-k score (a block holding one has a maximum >= the k-th largest score, and fewer than
+    k blocks can beat it), so the top-k of those ``k * block`` candidates is exact. One
+    max-reduction over the scores plus small top-ks replaces a radix select over every row,
+    which is what makes ``torch.topk`` the bottleneck at 10,000 codes on a GPU.
+    """
+    if k == 1:
+        return scores.argmax(-1, keepdim=True)
+    block = _block_size(scores.shape[-1], k)
+    if block is None:
+        return scores.topk(k, dim=-1).indices
+    blocks = scores.unflatten(-1, (-1, block))  # (..., nblocks, block), a view
+    best = blocks.amax(-1).topk(k, dim=-1).indices  # (..., k) block ids
+    cand = blocks.gather(-2, best.unsqueeze(-1).expand(*best.shape, block))  # (..., k, block)
+    top = cand.flatten(-2).topk(k, dim=-1).indices  # positions among the candidates
+    return best.gather(-1, top // block) * block + top % block
+
+
+def _in_backward() -> bool:
+    """True inside the autograd engine: an activation-checkpointed block being recomputed."""
+    return torch._C._current_graph_task_id() != -1
 
 
 def _groups_last(t: torch.Tensor) -> torch.Tensor:

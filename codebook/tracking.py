@@ -20,8 +20,9 @@ class MLflowLogger:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
+        # NaN and inf are logged as they are: a diverging run must be visible.
         batch = [Metric(_clean(k), float(v), now, step) for k, v in metrics.items()
-                 if v is not None and v == v]
+                 if v is not None]
         for i in range(0, len(batch), 900):  # MLflow caps a batch at 1000 metrics
             self.client.log_batch(self.run_id, metrics=batch[i : i + 900])
 

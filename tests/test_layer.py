@@ -168,3 +168,12 @@ def test_k_schedule_changes_k_and_the_output():
     fewer = layer(x)
     assert layer.select(x.view(4, 1, 16)).shape[-1] == 2
     assert not torch.allclose(full, fewer)
+
+
+@pytest.mark.parametrize("n,k", [(10000, 8), (3000, 4), (2048, 2), (1000, 8), (10007, 8)])
+def test_blockwise_topk_equals_torch_topk(n, k):
+    from codebook.layer import topk_indices
+
+    scores = torch.randn(4, 300, n, generator=torch.Generator().manual_seed(n + k))
+    scores[0, :, : n // 2] = float("-inf")  # masked codes (interventions) never win
+    assert torch.equal(topk_indices(scores, k), scores.topk(k, dim=-1).indices)

@@ -31,11 +31,15 @@ class RunSection:
     max_steps: int = 1000
     log_every: int = 50
     eval_every: int = 250
-    checkpoint_every: int = 250
+    checkpoint_every: int = 250  # and at the last step; 0: never (benchmarks)
     num_workers: int = 1
     use_gpu: bool | None = None  # None: use GPUs when the cluster has them
     cpus_per_worker: float = 1.0
     max_failures: int = 2
+    # Stop with TrainingDiverged once the loss has been non-finite for this many consecutive
+    # steps (checked at log and checkpoint steps; 0 never stops). No checkpoint is written
+    # while the loss is non-finite.
+    max_nonfinite_steps: int = 20
 
 
 @dataclass
@@ -159,6 +163,35 @@ class TrainConfig:
         """The resolved config as flat ``section.key`` strings (MLflow params)."""
         return {k: str(v) for k, v in _flatten(self.to_dict()).items()}
 
+    def resolve_paths(self, base: Path) -> TrainConfig:
+        """Make every local path in the config absolute against ``base`` (the directory the
+        command runs in), once, on the driver: Ray workers run in other directories.
+
+        ``model.name_or_path`` and ``model.tokenizer`` may also be Hub ids: they become
+        absolute only where ``base / value`` exists; a value that can only be a local path
+        (``./x``, ``../x``, ``~/x``, ``a/b/c``) and does not exist is a ConfigError. Returns self.
+        """
+        def local(value: str) -> Path:
+            path = Path(os.path.expanduser(value))
+            return path if path.is_absolute() else base / path
+
+        m, d = self.model, self.data
+        self.run.storage_path = str(local(self.run.storage_path).resolve())
+        for name in ("name_or_path", "tokenizer"):
+            value = getattr(m, name)
+            if value is None:
+                continue
+            if local(value).exists():
+                setattr(m, name, str(local(value).resolve()))
+            elif _only_local(value):
+                raise ConfigError(f"model.{name}", f"{value} does not exist (looked in {base})",
+                                  "run from the directory the config's relative paths start "
+                                  "at (the repository root for configs/), or give an absolute "
+                                  "path; a Hub id has the form owner/name")
+        # (data.hf_dataset and data.hf_data_files are resolved on the driver when read.)
+        d.paths = [str(local(p).absolute()) if "://" not in p else p for p in d.paths]
+        return self
+
     # ------------------------------------------------------------------ validation
     def validate(self) -> TrainConfig:
         """Cross-field checks that need no model or cluster; returns self."""
@@ -169,9 +202,15 @@ class TrainConfig:
         except TypeError as err:
             raise ConfigError("codebook", str(err), "check the codebook section") from err
         r, o, d = self.run, self.optim, self.data
-        for name in ("max_steps", "log_every", "eval_every", "checkpoint_every", "num_workers"):
+        if r.checkpoint_every < 0:
+            raise ConfigError("run.checkpoint_every", f"got {r.checkpoint_every}",
+                              "use a number of steps, or 0 for no checkpoints at all")
+        for name in ("max_steps", "log_every", "eval_every", "num_workers"):
             if getattr(r, name) <= 0:
                 raise ConfigError(f"run.{name}", f"got {getattr(r, name)}", "use a value >= 1")
+        if r.max_nonfinite_steps < 0:
+            raise ConfigError("run.max_nonfinite_steps", f"got {r.max_nonfinite_steps}",
+                              "use a number of steps >= 1, or 0 to never stop")
         for name in ("batch_size", "grad_accum"):
             if getattr(o, name) <= 0:
                 raise ConfigError(f"optim.{name}", f"got {getattr(o, name)}", "use a value >= 1")
@@ -241,7 +280,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for key, value in flags.items():
         if value is not None:
             _set_dotted(data, key, value)
-    return build(TrainConfig, data, "").validate()
+    return build(TrainConfig, data, "").resolve_paths(Path.cwd()).validate()
 
 
 def build(cls: type, data: Any, where: str) -> Any:
@@ -304,6 +343,12 @@ def _check_type(value: Any, hint: Any, path: str) -> Any:
         raise ConfigError(path, f"expected {hint.__name__}, got {type(value).__name__} {value!r}",
                           f"write a {hint.__name__}")
     return value
+
+
+def _only_local(value: str) -> bool:
+    """A name that cannot be a Hub id (owner/name, or a bare name)."""
+    return (value.startswith((".", "/", "~")) or value.count("/") > 1
+            or os.sep != "/" and os.sep in value)
 
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:

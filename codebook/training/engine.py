@@ -87,7 +87,14 @@ class TorchEngine:
         self.cfg = cfg
         self.optimizer, self.scheduler = make_optimizer(model, cfg)
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        self.wrapped = nn.parallel.DistributedDataParallel(self.module) if distributed else model
+        # Before codebook.start_step the codebooks take no part in the forward pass, so their
+        # parameters get no gradient: DDP must look for unused parameters. Buffers are not
+        # broadcast: each rank keeps its own code statistics (steps_unused, code_counts,
+        # recent inputs), which the loop reduces across ranks where it needs them.
+        self.wrapped = nn.parallel.DistributedDataParallel(
+            self.module, broadcast_buffers=False,
+            find_unused_parameters=cfg.codebook_config.start_step > 0,
+        ) if distributed else model
         self.micro = 0
         self.dtype = torch.float32
 
@@ -163,6 +170,9 @@ class DeepSpeedEngine:
             "wall_clock_breakdown": False,
         }
         optimizer, scheduler = make_optimizer(model, cfg)
+        if bf16 and device.type == "cuda":
+            # Codebook scoring runs in fp32 (see codebook.layer); TF32 tensor cores keep it fast.
+            torch.backends.cuda.matmul.allow_tf32 = True
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model.to(device), optimizer=optimizer, lr_scheduler=scheduler, config=config)
         self.module = self.engine.module
@@ -204,12 +214,36 @@ class DeepSpeedEngine:
                 yield
 
     def set_param(self, param: nn.Parameter, value: torch.Tensor) -> None:
-        """Set a parameter everywhere DeepSpeed keeps it (module copy and fp32 master)."""
+        """Set a parameter everywhere DeepSpeed keeps it: the module's copy and, in bf16, the
+        optimizer's fp32 master copy (else the next step writes the old value back)."""
         from deepspeed.utils import safe_set_full_fp32_param
 
         with torch.no_grad(), self.full_params([param], modifier_rank=0):
             param.copy_(value.to(param.dtype))
-        safe_set_full_fp32_param(param, value.float())
+        if hasattr(param, "ds_id") or hasattr(param, "_hp_mapping"):  # ZeRO 1-3, BF16_Optimizer
+            safe_set_full_fp32_param(param, value.float())
+        elif param.dtype != torch.float32 and not _set_fp16_master(self.optimizer, param, value):
+            raise RuntimeError(f"cannot find the fp32 master copy of a {tuple(param.shape)} "
+                               f"parameter in {type(self.optimizer).__name__}")
+
+
+@torch.no_grad()
+def _set_fp16_master(optimizer: Any, param: nn.Parameter, value: torch.Tensor) -> bool:
+    """ZeRO-0 in bf16/fp16 (DeepSpeed's FP16 optimizers): copy ``value`` into ``param``'s fp32
+    master, kept per parameter (``fp32_groups``) or flattened per group (``fp32_groups_flat``).
+    Returns whether it was found."""
+    for i, group in enumerate(getattr(optimizer, "fp16_groups", [])):
+        offset = 0
+        for j, p in enumerate(group):
+            if p is param:
+                if hasattr(optimizer, "fp32_groups"):
+                    optimizer.fp32_groups[i][j].copy_(value.reshape(p.shape))
+                else:
+                    flat = optimizer.fp32_groups_flat[i]
+                    flat[offset: offset + p.numel()].copy_(value.reshape(-1))
+                return True
+            offset += p.numel()
+    return False
 
 
 def make_engine(model: CodebookModel, cfg: TrainConfig, device: torch.device):

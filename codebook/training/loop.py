@@ -8,7 +8,6 @@ those, tests and local tools may supply plain ones.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import tempfile
 import time
@@ -20,13 +19,12 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
+from codebook.checkpoint import HF_DIR, STATE_FILE
+from codebook.errors import TrainingDiverged
 from codebook.io import atomic_write
 from codebook.model import CodebookModel
 from codebook.training.config import TrainConfig
 from codebook.training.engine import make_engine
-
-STATE_FILE = "trainer_state.json"
-HF_DIR = "hf"
 
 Batch = dict[str, torch.Tensor]
 
@@ -86,7 +84,10 @@ def build_model(cfg: TrainConfig) -> CodebookModel:
             kwargs["gguf_file"] = m.gguf_file
         model = CodebookModel.from_pretrained(m.name_or_path, cfg.codebook_config, **kwargs)
     if m.gradient_checkpointing:
-        model.model.gradient_checkpointing_enable()
+        # Non-reentrant: the reentrant variant runs the block under no_grad, so the codebook
+        # loss terms built inside it would carry no gradient.
+        model.model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
@@ -107,33 +108,52 @@ def train(cfg: TrainConfig, data: LoopData, reporter: Reporter, workers: Workers
     batches = data.train(state.micro_batches)
     tokenizer = checkpoint_tokenizer(cfg) if workers.rank == 0 else None
     loss_sum = torch.zeros(3, device=workers.device)  # total, lm, recon over the log window
+    # consecutive optimizer steps with a non-finite loss (on the device: no per-step sync)
+    nonfinite = torch.zeros((), dtype=torch.long, device=workers.device)
+    replaced = torch.zeros((), dtype=torch.long, device=workers.device)  # dead codes re-seeded
+    last_good = state.step if resume_dir is not None else None  # step of the last checkpoint
     window_steps, window_tokens, t0 = 0, 0, time.perf_counter()
     start_step, start_time = state.step, time.perf_counter()
     last: dict[str, float] = {}
     while state.step < cfg.run.max_steps:
+        # Randomness (dead-code seeds, sampled recent inputs, dropout) depends on the step and
+        # rank alone, so a resumed run draws what an uninterrupted one would.
+        torch.manual_seed(cfg.run.seed * 1_000_003 + state.step * 1009 + workers.rank)
         if state.step == cb.start_step and cb.kmeans_init_batches:
             init = [next(batches) for _ in range(cb.kmeans_init_batches)]
             state.micro_batches += len(init)
-            kmeans_init(model, init, engine, cfg, workers)
+            seconds = kmeans_init(model, init, engine, cfg, workers)
+            if workers.rank == 0:
+                reporter.log(state.step, {"codebook/kmeans_init_s": seconds})
+                print(f"step {state.step}: codebooks initialised by k-means "
+                      f"({len(init)} batches, {seconds:.1f}s)", flush=True)
         for layer in model.codebooks.values():
             layer.enabled = state.step >= cb.start_step
+        step_finite = torch.ones((), dtype=torch.bool, device=workers.device)
         for _ in range(accum):
             batch = _to_device(next(batches), workers.device)
             out = engine(input_ids=batch["input_ids"], labels=batch["input_ids"])
             engine.backward(out.loss)
             engine.step()
-            loss_sum += torch.stack([out.loss, out.lm_loss, out.recon_loss]).detach().float()
+            terms = torch.stack([out.loss, out.lm_loss, out.recon_loss]).detach().float()
+            loss_sum += terms
+            step_finite &= torch.isfinite(terms).all()
             n_tokens = batch["input_ids"].numel() * workers.world_size
             window_tokens += n_tokens
             state.tokens += n_tokens
             state.micro_batches += 1
+        nonfinite = torch.where(step_finite, 0, nonfinite + 1)
         state.step += 1
         window_steps += 1
         model.set_step(state.step)
         if cb.dead_code_steps and state.step % cb.dead_code_steps == 0:
-            replace_dead_codes(model, engine, cfg, workers)
+            replaced += replace_dead_codes(model, engine, cfg, workers)
         is_last = state.step == cfg.run.max_steps
-        if state.step % cfg.run.log_every == 0 or is_last or state.step == 1:
+        logs = state.step % cfg.run.log_every == 0 or is_last or state.step == 1
+        saves = bool(cfg.run.checkpoint_every) and (
+            state.step % cfg.run.checkpoint_every == 0 or is_last)
+        streak = _max_across(nonfinite) if logs or saves else 0
+        if logs:
             losses = _mean_across(loss_sum / (window_steps * accum))
             elapsed = time.perf_counter() - t0
             metrics = {"train/loss": losses[0], "train/lm_loss": losses[1],
@@ -143,6 +163,10 @@ def train(cfg: TrainConfig, data: LoopData, reporter: Reporter, workers: Workers
             metrics.update({f"lr/{g.get('name', i)}": g["lr"]
                             for i, g in enumerate(engine.optimizer.param_groups)})
             metrics.update({f"train/{k}": v for k, v in model.metrics(reset=True).items()})
+            metrics["train/nonfinite_steps"] = float(streak)
+            if cb.dead_code_steps:
+                metrics["train/codebook/replaced_codes"] = float(replaced.item())
+                replaced.zero_()
             done = state.step - start_step
             rate = (time.perf_counter() - start_time) / max(done, 1)
             if workers.rank == 0:
@@ -154,6 +178,9 @@ def train(cfg: TrainConfig, data: LoopData, reporter: Reporter, workers: Workers
             last.update(metrics)
             loss_sum.zero_()
             window_steps, window_tokens, t0 = 0, 0, time.perf_counter()
+        if cfg.run.max_nonfinite_steps and streak >= cfg.run.max_nonfinite_steps:
+            raise TrainingDiverged(state.step, streak,  # after the step's metrics are logged
+                                   None if last_good is None else f"step {last_good}")
         paused = time.perf_counter()  # eval and checkpoints are kept out of tokens/s
         if state.step % cfg.run.eval_every == 0 or is_last:
             ev = evaluate(model, data.eval(), workers)
@@ -161,8 +188,13 @@ def train(cfg: TrainConfig, data: LoopData, reporter: Reporter, workers: Workers
                 reporter.log(state.step, ev)
             last.update(ev)
             model.train()
-        if state.step % cfg.run.checkpoint_every == 0 or is_last:
+        if saves and streak:
+            if workers.rank == 0:
+                print(f"step {state.step}: not saving a checkpoint, the loss has been non-finite "
+                      f"for {streak} steps", flush=True)
+        elif saves:
             save_checkpoint(model, engine, state, workers, reporter, last, tokenizer)
+            last_good = state.step
         t0 += time.perf_counter() - paused
     return {"steps": state.step, "tokens": state.tokens,
             "final_train_loss": last.get("train/loss"), "final_eval_loss": last.get("eval/loss"),
@@ -246,7 +278,7 @@ def save_checkpoint(model: CodebookModel, engine, state: TrainState, workers: Wo
 # ---------------------------------------------------------------------- codebook maintenance
 @torch.no_grad()
 def kmeans_init(model: CodebookModel, batches: list[Batch], engine, cfg: TrainConfig,
-                workers: Workers) -> None:
+                workers: Workers) -> float:
     """Initialise the codebooks by k-means on real activations, one site at a time in forward
     order: each codebook is fitted to the inputs its site gets with the codebooks before it
     already on, i.e. to what it will see once all are on. (Fitting every site to the plain
@@ -254,6 +286,7 @@ def kmeans_init(model: CodebookModel, batches: list[Batch], engine, cfg: TrainCo
     LM loss at chance when the codebooks came on.) Rank 0 fits; the codes are broadcast."""
     from codebook.interventions import recording
 
+    started = time.perf_counter()
     model.eval()
     gen = torch.Generator(device=workers.device).manual_seed(cfg.run.seed)
     with model.codebooks_disabled():
@@ -275,6 +308,7 @@ def kmeans_init(model: CodebookModel, batches: list[Batch], engine, cfg: TrainCo
             engine.set_param(layer.codes, codes)
             layer.enabled = True  # later sites are fitted with this codebook on
     model.train()
+    return time.perf_counter() - started
 
 
 @torch.no_grad()
@@ -309,8 +343,17 @@ def _to_device(batch: Batch, device: torch.device) -> Batch:
 
 
 def _mean_across(values: torch.Tensor) -> list[float]:
+    """The mean over ranks, non-finite values kept as they are (a diverging run shows)."""
     if dist.is_available() and dist.is_initialized():
         values = values.clone()
         dist.all_reduce(values)
         values /= dist.get_world_size()
-    return [v if math.isfinite(v) else float("nan") for v in values.tolist()]
+    return values.tolist()
+
+
+def _max_across(value: torch.Tensor) -> int:
+    """The largest value over ranks, so every rank takes the same decision."""
+    if dist.is_available() and dist.is_initialized():
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return int(value.item())
