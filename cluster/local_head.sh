@@ -5,11 +5,11 @@
 #   cluster/local_head.sh start                 start a head and wait until the job API answers
 #   cluster/local_head.sh submit [ARGS...]      ray job submit ... -- python pipelines/train.py ARGS
 #                                               (ARGS default: --config configs/fsm.yaml)
-#   cluster/local_head.sh stop                  ray stop --force
+#   cluster/local_head.sh stop                  stop the head that `start` started on RAY_PORT
 #
 # Knobs (environment, all optional):
 #   NUM_CPUS=2              CPUs the head advertises to Ray
-#   DASHBOARD_PORT=8265     dashboard + job API port (always bound to 127.0.0.1)
+#   DASHBOARD_PORT=8265     dashboard + job API port (on 127.0.0.1, like every port of the head)
 #   RAY_PORT=6379           GCS port
 #   RAY_AUTH_MODE=disabled  "disabled" or "token" (see below); exported for every subcommand
 #   START_TIMEOUT=90        seconds `start` waits for the job API before giving up
@@ -20,14 +20,22 @@
 #   SUBMISSION_ID=...       fixed job id (handy for `ray job logs -f ID` / `ray job stop ID`)
 #   CODEBOOK_VENV=<repo>/.venv  virtual environment whose bin/ is put first on PATH, if it exists
 #
-# Security: Ray's dashboard and job API (port DASHBOARD_PORT) have NO authentication unless
-# RAY_AUTH_MODE=token, and anyone who can reach the job API can run arbitrary code as this user.
-# That is why the dashboard is bound to 127.0.0.1 only: it is reachable from this machine and
-# nowhere else (use `ssh -L 8265:127.0.0.1:8265 host` to look at it remotely). The test head
-# therefore defaults to RAY_AUTH_MODE=disabled, which Ray 2.60 otherwise turns on for new local
+# Security: anyone who can reach a Ray head's ports can run arbitrary code as this user (the
+# job API and the GCS accept work without authentication unless RAY_AUTH_MODE=token). So this
+# head is a single-machine cluster whose every listener is on 127.0.0.1: the node IP is
+# 127.0.0.1 (--node-ip-address plus RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, without which Ray on
+# Linux swaps 127.0.0.1 for the machine's outward address and binds GCS, raylet, object manager,
+# agents and workers to all interfaces), and the dashboard host is 127.0.0.1. That covers the
+# GCS (RAY_PORT), dashboard/job API (DASHBOARD_PORT), dashboard metrics (44227), autoscaler
+# metrics (44217), Ray Client server (10001), raylet node manager and object manager, dashboard
+# agent (HTTP on a free port, gRPC, metrics export), runtime-env agent and every worker's gRPC port
+# (10002-19999); tests/test_cluster_security.py checks it. Other machines cannot join or reach
+# it (use `ssh -L 8265:127.0.0.1:8265 host` to look at the dashboard remotely). Loopback is
+# still reachable by other users of this machine: on a shared machine use RAY_AUTH_MODE=token.
+# The default is RAY_AUTH_MODE=disabled, which Ray 2.60 otherwise turns on for new local
 # clusters; the CLI then needs the same mode, so the value is exported once here and used by
-# start, submit and stop alike. On a shared multi-user machine run with RAY_AUTH_MODE=token: the
-# GCS port (RAY_PORT) listens on all interfaces, and token mode protects it and the job API.
+# start, submit and stop alike. Multi-machine clusters (gpu-cluster.yaml,
+# rayjob-pythia410m.yaml) always run with token auth.
 set -euo pipefail
 
 SCRIPT_DIR="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)"
@@ -73,6 +81,37 @@ check_settings() {
     || die "'ray' not found: install the project first (pip install torch==2.13.0 && pip install -e .)"
 }
 
+head_record() {
+  # Where `start` notes the head's session id, per user and GCS port.
+  printf '%s/codebook-ray-head-%s-%s.sid' "${TMPDIR:-/tmp}" "$(id -u)" "${RAY_PORT}"
+}
+
+session_pids() {
+  # Live (not zombie) processes of session $1, the head's, plus all their descendants: Ray's
+  # workers keep the session, job drivers get a session of their own under their supervisor.
+  ps -e -o pid=,ppid=,sid=,stat= | awk -v s="$1" '
+    { pid[NR] = $1; ppid[NR] = $2; sid[NR] = $3; st[NR] = $4 }
+    END {
+      for (i = 1; i <= NR; i++) if (sid[i] == s) keep[pid[i]] = 1
+      do {
+        changed = 0
+        for (i = 1; i <= NR; i++)
+          if (!(pid[i] in keep) && (ppid[i] in keep)) { keep[pid[i]] = 1; changed = 1 }
+      } while (changed)
+      for (i = 1; i <= NR; i++) if ((pid[i] in keep) && st[i] !~ /^Z/) print pid[i]
+    }'
+}
+
+alive() {
+  # The given pids that are still live (not zombie) processes, one a line.
+  local pid
+  for pid in "$@"; do
+    if [[ "$(ps -o stat= -p "${pid}" 2>/dev/null)" =~ ^[^Z] ]]; then
+      echo "${pid}"
+    fi
+  done
+}
+
 job_api_up() {
   ray job list --address "${JOB_API}" >/dev/null 2>&1
 }
@@ -93,12 +132,32 @@ cmd_start() {
     echo "A Ray job API already answers at ${JOB_API}; not starting another head."
     return 0
   fi
+  command -v setsid >/dev/null 2>&1 || die "'setsid' not found: install util-linux"
+  local record pid
+  record="$(head_record)"
+  if [[ -s "${record}" ]] && [[ -n "$(session_pids "$(<"${record}")")" ]]; then
+    die "the head this script started on port ${RAY_PORT} (session $(<"${record}")) still" \
+      "runs but its job API at ${JOB_API} does not answer; run '$0 stop' first"
+  fi
   ensure_token
-  ray start --head \
+  # Everything on loopback (see the header): with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 Ray keeps
+  # --node-ip-address 127.0.0.1 instead of replacing it by this machine's outward IP, and every
+  # server it starts (GCS, raylet, agents, Ray Client, workers) binds to that address. setsid
+  # gives the head a session of its own, recorded so that `stop` ends this head and nothing
+  # else (`ray stop` would end every Ray process of this user, other clusters included).
+  # The dashboard agent's HTTP port (default 52365, which every Ray instance on the machine
+  # wants) is picked free: on a clash the agent cannot serve, and job submission fails with
+  # "No available agent to submit job".
+  RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 setsid ray start --head \
     --num-cpus "${NUM_CPUS}" \
+    --node-ip-address 127.0.0.1 \
     --dashboard-host 127.0.0.1 \
     --dashboard-port "${DASHBOARD_PORT}" \
-    --port "${RAY_PORT}"
+    --dashboard-agent-listen-port 0 \
+    --port "${RAY_PORT}" &
+  pid=$!
+  printf '%s\n' "${pid}" >"${record}"
+  wait "${pid}" || die "'ray start' failed (exit $?); '$0 stop' cleans up what it left"
 
   # `ray start` returns before the dashboard's job server is up: poll it, bounded.
   local deadline=$((SECONDS + START_TIMEOUT))
@@ -109,7 +168,8 @@ cmd_start() {
     fi
     sleep 2
   done
-  echo "Ray head is up: job API and dashboard at ${JOB_API} (loopback only, auth: ${RAY_AUTH_MODE})"
+  echo "Ray head is up: job API and dashboard at ${JOB_API}; every port on 127.0.0.1" \
+    "(auth: ${RAY_AUTH_MODE}, session $(<"${record}"))"
 }
 
 has_storage_override() {
@@ -177,8 +237,41 @@ cmd_submit() {
 }
 
 cmd_stop() {
-  # Stops every Ray process of this user on this machine, not only the head started here.
-  ray stop --force
+  # Ends the head `start` recorded for RAY_PORT, with its workers and job drivers: SIGTERM,
+  # then SIGKILL to what is left after 15 s. Without a record (a head started by hand or by an
+  # older version of this script) it falls back to `ray stop --force`, which ends every Ray
+  # process of this user on this machine.
+  local record sid
+  local -a pids
+  record="$(head_record)"
+  if [[ ! -s "${record}" ]]; then
+    echo "No head recorded in ${record}:" \
+      "running 'ray stop --force' (every Ray process of this user)"
+    ray stop --force
+    return
+  fi
+  sid="$(<"${record}")"
+  [[ "${sid}" =~ ^[0-9]+$ ]] || die "${record} holds '${sid}', not a session id; remove the file"
+  mapfile -t pids < <(session_pids "${sid}")
+  if ((${#pids[@]} == 0)) || [[ "$(ps -o args= -p "$(IFS=,; echo "${pids[*]}")")" != *ray* ]]; then
+    echo "The head on port ${RAY_PORT} (session ${sid}) is not running"
+    rm -f -- "${record}"
+    return 0
+  fi
+  kill -TERM "${pids[@]}" 2>/dev/null || true
+  local deadline=$((SECONDS + 15)) n="${#pids[@]}"
+  local -a left
+  while :; do
+    # still running, plus anything the session started meanwhile
+    mapfile -t left < <(alive "${pids[@]}"; session_pids "${sid}")
+    ((${#left[@]} > 0 && SECONDS < deadline)) || break
+    sleep 0.5
+  done
+  if ((${#left[@]} > 0)); then
+    kill -KILL "${left[@]}" 2>/dev/null || true
+  fi
+  rm -f -- "${record}"
+  echo "Stopped the Ray head on port ${RAY_PORT} (session ${sid}, ${n} processes)"
 }
 
 main() {

@@ -187,12 +187,15 @@ def tokenise_documents(docs: list[str] | np.ndarray, first_doc_id: int, tokenize
 def resolve_model(ref: str, download_to: Path, tracking_uri: str | None = None) -> str:
     """A local model folder for ``ref``: an MLflow URI (``runs:/<id>/model``, ``models:/...``,
     downloaded once into ``download_to``), a training checkpoint (its ``hf/`` folder), or a
-    saved codebook model folder / hub name as given."""
+    saved codebook model folder / hub name as given. A local folder is checked first
+    (``verify_model_dir``): a missing, cut-short or truncated file is a ConfigError."""
+    from codebook.checkpoint import resolve_local, verify_model_dir
+
     if ref.startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
         import mlflow
 
         if (download_to / "codebook_config.json").is_file():
-            return str(download_to)
+            return str(verify_model_dir(download_to))
         download_to.mkdir(parents=True, exist_ok=True)
         try:
             local = mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=str(download_to),
@@ -200,16 +203,8 @@ def resolve_model(ref: str, download_to: Path, tracking_uri: str | None = None) 
         except Exception as err:  # noqa: BLE001 - MLflow raises several types
             raise ConfigError("--model", f"cannot download {ref} ({err})",
                               "check the run id and --tracking-uri") from err
-        return local
-    path = Path(ref).expanduser()
-    if (path / "hf" / "codebook_config.json").is_file():  # a training checkpoint
-        return str((path / "hf").resolve())
-    if path.exists():
-        if not (path / "codebook_config.json").is_file():
-            raise ConfigError("--model", f"{path} holds no codebook_config.json",
-                              "point at a training checkpoint, its hf/ folder, or an MLflow run")
-        return str(path.resolve())
-    return ref  # a hub name: from_pretrained resolves it
+        return str(verify_model_dir(local))
+    return resolve_local(ref)  # a hub name as it is: from_pretrained resolves it
 
 
 def site_infos(model_path: str) -> dict[str, SiteInfo]:

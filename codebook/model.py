@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -26,6 +27,7 @@ from codebook.sites import Site, resolve_sites
 
 CODEBOOK_CONFIG_FILE = "codebook_config.json"
 CODEBOOK_WEIGHTS_FILE = "codebooks.safetensors"
+K_IN_FORCE = "k"  # metadata key of the codebooks file: the k in force when it was saved
 
 
 @dataclass
@@ -153,6 +155,11 @@ class CodebookModel(nn.Module):
         for cb in self.codebooks.values():
             cb.k = k
 
+    @property
+    def k_in_force(self) -> int:
+        """The k the codebooks select now (the k schedule's current value)."""
+        return next(iter(self.codebooks.values())).k if self.codebooks else self.codebook_config.k
+
     def codebook_parameters(self) -> list[nn.Parameter]:
         return list(self.codebooks.parameters())
 
@@ -194,7 +201,8 @@ class CodebookModel(nn.Module):
             cb_sd = state_dict or self.state_dict()
             codebooks = {k: v.detach().cpu().contiguous() for k, v in cb_sd.items()
                          if k.startswith("codebooks.")}
-            save_file(codebooks, str(tmp / CODEBOOK_WEIGHTS_FILE))
+            save_file(codebooks, str(tmp / CODEBOOK_WEIGHTS_FILE),
+                      metadata={K_IN_FORCE: str(self.k_in_force)})
             self.codebook_config.save(tmp / CODEBOOK_CONFIG_FILE)
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp))
@@ -212,7 +220,11 @@ class CodebookModel(nn.Module):
         """
         from transformers import AutoModelForCausalLM
 
+        from codebook.checkpoint import check_model_folder, looks_local
+
         folder = Path(name_or_path)
+        if folder.exists() or looks_local(name_or_path):  # local: a ConfigError names a bad file
+            check_model_folder(folder, "name_or_path", gguf_file=hf_kwargs.get("gguf_file"))
         saved = folder / CODEBOOK_CONFIG_FILE
         if saved.is_file():
             stored = CodebookConfig.load(saved)
@@ -246,6 +258,8 @@ class CodebookModel(nn.Module):
     def load_codebooks(self, file: str | Path) -> None:
         """Load codebook weights, with a clear error when they do not fit this model."""
         tensors = load_file(str(file))
+        with safe_open(str(file), framework="pt") as fh:
+            saved_k = (fh.metadata() or {}).get(K_IN_FORCE)
         own = {k: v for k, v in self.state_dict().items() if k.startswith("codebooks.")}
         missing = sorted(set(own) - set(tensors))
         extra = sorted(set(tensors) - set(own))
@@ -264,6 +278,9 @@ class CodebookModel(nn.Module):
                     "load it with the codebook config and base model it was trained with",
                 )
         self.load_state_dict(tensors, strict=False)
+        if saved_k is not None:  # the k schedule's value when saved (older files: config's k)
+            for layer in self.codebooks.values():
+                layer.k = int(saved_k)
 
 
 def _config_kwargs(hf_kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script or a Ray job
 
+from codebook.checkpoint import verify_train_model  # noqa: E402
 from codebook.errors import ConfigError  # noqa: E402
 from codebook.training.config import load_config  # noqa: E402
 
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
         if cfg.data.source != "fsm":
             raise ConfigError("data.source", f"got {cfg.data.source!r}", "the FSM needs 'fsm'")
         cfg.resolve_run_name("fsm-quick" if args.quick else "fsm", resume=False)
+        verify_train_model(cfg.model.name_or_path, cfg.model.gguf_file)  # before Ray starts
     except ConfigError as err:
         sys.exit(f"config error: {err}")
     import ray

@@ -16,7 +16,13 @@ from typing import Any
 
 import torch
 
-from codebook.errors import ConfigError
+from codebook.checkpoint import (
+    checkpoint_dirs,
+    choose_resume,
+    latest_intact_checkpoint,
+    skipped_message,
+)
+from codebook.errors import DETERMINISTIC_ERRORS, ConfigError, TrainingDiverged
 from codebook.tracking import MLflowLogger, finish_run, start_run
 from codebook.training.config import TrainConfig, build
 from codebook.training.loop import HF_DIR, STATE_FILE, LoopData, Workers, train
@@ -60,10 +66,9 @@ def worker_loop(config: dict[str, Any]) -> None:
     data = _loop_data(cfg, workers)
     # After a worker failure Ray Train hands back the latest reported checkpoint; on a --resume
     # of an interrupted job (same run.name and storage) Ray Train V2 restores it too. Otherwise
-    # fall back to the checkpoint the driver found.
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and config.get("resume_from"):
-        checkpoint = ray.train.Checkpoint(config["resume_from"])
+    # fall back to the checkpoint the driver found. Each is verified: the newest intact wins.
+    checkpoint = resume_checkpoint(ray.train.get_checkpoint(), config.get("resume_from"),
+                                   cfg.run_dir, workers.rank == 0)
     with checkpoint.as_directory() if checkpoint else nullcontext(None) as resume_dir:
         if resume_dir and workers.rank == 0:
             print(f"resuming from {checkpoint.path}", flush=True)
@@ -94,16 +99,9 @@ def block_batches(shard: Any, batch_size: int, shuffle_buffer: int, seed: int,
 def _loop_data(cfg: TrainConfig, workers: Workers) -> LoopData:
     bs = cfg.optim.batch_size
     if cfg.data.source == "fsm":
-        from codebook.data.fsm import TokFSM
-        from codebook.data.sources import fsm_eval_batches, fsm_train_batches
+        from codebook.training.local import fsm_loop_data
 
-        fsm = TokFSM(cfg.fsm_config)
-        n_eval = cfg.data.eval_blocks
-        return LoopData(
-            train=lambda start: fsm_train_batches(fsm, bs, cfg.run.seed, start, workers.rank,
-                                                  workers.world_size, n_eval),
-            eval=lambda: fsm_eval_batches(fsm, n_eval, bs, workers.rank, workers.world_size),
-        )
+        return fsm_loop_data(cfg, workers)
     import ray.train
 
     train_shard = ray.train.get_dataset_shard("train")
@@ -259,6 +257,52 @@ class _Packer:
         return pd.DataFrame({"input_ids": list(blocks)})
 
 
+def project_error(err: BaseException) -> Exception | None:
+    """The project error (ConfigError, TrainingDiverged) a failed Ray Train run carries, if any:
+    in the workers' failures, or anywhere in the exception's cause chain."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [err]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, DETERMINISTIC_ERRORS):
+            return e
+        todo += [e.__cause__, e.__context__, getattr(e, "controller_failure", None)]
+        todo += list(getattr(e, "worker_failures", {}).values())
+    return None
+
+
+def _with_checkpoint_path(err: TrainingDiverged, run_dir: Path) -> TrainingDiverged:
+    """Name the last good checkpoint by its folder rather than its step."""
+    step = int(err.last_good_checkpoint.split()[-1]) if err.last_good_checkpoint else None
+    for state in run_dir.glob(f"*/{STATE_FILE}"):
+        try:
+            if json.loads(state.read_text()).get("step") == step:
+                return TrainingDiverged(err.step, err.nonfinite_steps, str(state.parent))
+        except (OSError, ValueError):
+            continue
+    return err
+
+
+try:
+    from ray.train import UserCallback as _UserCallback
+except ImportError:  # Ray Train V1
+    _UserCallback = object
+
+
+class StopOnDeterministicError(_UserCallback):
+    """Ray Train retries a failed worker group ``max_failures`` times; a bad config or a
+    diverged loss fails the same way every time, so raise it at once instead."""
+
+    def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
+        for error in worker_exceptions.values():
+            cause = project_error(error)
+            if cause is not None:
+                raise cause
+
+
 def check_placeable(cfg: TrainConfig) -> bool:
     """Fail before any worker starts if the cluster can never place the workers."""
     import ray
@@ -278,13 +322,28 @@ def check_placeable(cfg: TrainConfig) -> bool:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint (one with a trainer state) under a run folder."""
-    best, best_step = None, -1
-    for state in run_dir.glob(f"*/{STATE_FILE}"):
-        step = json.loads(state.read_text()).get("step", -1)
-        if step > best_step and (state.parent / HF_DIR).is_dir():
-            best, best_step = state.parent, step
-    return best
+    """The newest intact checkpoint under a run folder (``latest_intact_checkpoint``)."""
+    return latest_intact_checkpoint(run_dir)[0]
+
+
+def resume_checkpoint(checkpoint: Any, resume_from: str | None, run_dir: Path,
+                      report: bool) -> Any:
+    """The checkpoint a worker resumes from: Ray Train's own (``get_checkpoint``), the driver's
+    pick or another of the run's, whichever is newest and intact (damaged ones are named on
+    stdout when ``report``). A checkpoint on remote storage is taken as Ray gives it."""
+    import pyarrow.fs
+    import ray.train
+
+    if checkpoint is not None and not isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        return checkpoint
+    picked, damaged = choose_resume([checkpoint.path if checkpoint else None, resume_from,
+                                     *checkpoint_dirs(run_dir)])
+    for path, why in damaged if report else []:
+        print(skipped_message(path, why, picked), flush=True)
+    if picked is None and damaged:
+        raise ConfigError("--resume", f"no intact checkpoint under {run_dir}",
+                          "start a new run (another run.name, without --resume)")
+    return ray.train.Checkpoint(str(picked)) if picked else None
 
 
 def fit(cfg: TrainConfig, resume: bool = False, callbacks: list | None = None,
@@ -294,14 +353,21 @@ def fit(cfg: TrainConfig, resume: bool = False, callbacks: list | None = None,
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    if not cfg.run.checkpoint_every:
+        raise ConfigError("run.checkpoint_every", "0 (no checkpoints) leaves the job no model",
+                          "set a number of steps (0 is for in-process benchmarks only)")
     run_dir = cfg.run_dir
-    previous = latest_checkpoint(run_dir) if run_dir.exists() else None
+    previous, damaged = latest_intact_checkpoint(run_dir)
     if resume and previous is None:
-        raise ConfigError("--resume", f"no checkpoint under {run_dir}",
+        found = "; ".join(f"{d.name}: {why}" for d, why in damaged)
+        raise ConfigError("--resume", f"no intact checkpoint under {run_dir}"
+                          + (f" (damaged: {found})" if found else ""),
                           "run without --resume, or give the run.name of an earlier run")
-    if not resume and previous is not None:
+    if not resume and (previous is not None or damaged):
         raise ConfigError("run.name", f"{run_dir} already holds checkpoints of a run",
                           "pass --resume to continue it, or choose another run.name")
+    for path, why in damaged:
+        print(skipped_message(path, why, previous), flush=True)
     use_gpu = check_placeable(cfg)
     datasets = text_datasets(cfg) if cfg.data.source != "fsm" else None
     tracking_uri = cfg.tracking_uri()
@@ -327,15 +393,20 @@ def fit(cfg: TrainConfig, resume: bool = False, callbacks: list | None = None,
             name=cfg.run.name, storage_path=str(cfg.storage_path),
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            callbacks=callbacks),
+            callbacks=[StopOnDeterministicError(), *(callbacks or [])]),
         datasets=datasets,
     )
     started = time.perf_counter()
     try:
         result = trainer.fit()
-    except Exception:
+    except Exception as err:
         finish_run(tracking_uri, run_id, status="FAILED")
-        raise
+        cause = project_error(err)
+        if cause is None:
+            raise
+        if isinstance(cause, TrainingDiverged):
+            cause = _with_checkpoint_path(cause, run_dir)
+        raise cause from err
     ckpt = Path(result.checkpoint.path)
     state = json.loads((ckpt / STATE_FILE).read_text())
     metrics = result.metrics or {}

@@ -17,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script or a Ray job
 
+from codebook.checkpoint import verify_train_model  # noqa: E402
 from codebook.errors import ConfigError  # noqa: E402
 from codebook.training.config import load_config  # noqa: E402
 
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = load_config(args.config, args.set, **{"run.max_steps": args.max_steps,
                                                     "run.num_workers": args.num_workers})
         cfg.resolve_run_name(Path(args.config).stem, args.resume)
+        verify_train_model(cfg.model.name_or_path, cfg.model.gguf_file)  # before Ray starts
     except ConfigError as err:
         sys.exit(f"config error: {err}")
     print("resolved config:\n" + json.dumps(cfg.to_dict(), indent=2), flush=True)

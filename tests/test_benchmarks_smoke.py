@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,3 +31,21 @@ def test_codebook_layer_benchmark_quick_prints_json_lines():
             assert isinstance(row[key], int | float)
     assert any(row["groups"] == 1 for row in rows)
     assert any(row["groups"] > 1 for row in rows)
+
+
+def test_gpu_suite_quick_runs_every_stage_on_cpu(tmp_path):
+    """benchmarks/gpu_suite.sh --quick: the GPU suite's three stages on tiny shapes, so it cannot
+    rot between the rare sessions that have a GPU."""
+    suite = SCRIPT.parent / "gpu_suite.sh"
+    proc = subprocess.run(["bash", str(suite), str(tmp_path), "--quick"], capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "PYTHON": sys.executable})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    status = {r["stage"]: r["status"] for r in rows if "status" in r}
+    assert status == {"layer": "ok", "train_step": "ok", "fsm": "ok"}, status
+    steps = {r["variant"]: r for r in rows if r["stage"] == "train_step" and "step_ms" in r}
+    assert set(steps) == {"plain", "codebook"} and steps["codebook"]["ratio_to_plain"] > 0
+    fsm = [r for r in rows if r["stage"] == "fsm" and "first_transition_accuracy" in r]
+    assert fsm and 0 <= fsm[0]["first_transition_accuracy"] <= 1
+    summary = (tmp_path / "summary.md").read_text()
+    assert "Training step, Pythia-410M shape" in summary and "| fsm | ok |" in summary

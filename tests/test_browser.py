@@ -1,14 +1,25 @@
-"""The code browser in a real headless Chromium (Selenium + the Debian chromium/chromedriver)."""
+"""The code browser: in a real headless Chromium (Selenium + the Debian chromium/chromedriver),
+and its safe defaults over HTTP against a real uvicorn server."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import pytest
 from corpus_helpers import build_store, make_corpus, save_bpe_tokenizer, save_tiny_codebook_model
+from train_helpers import REPO
 
 from codebook.analysis.search import CodeRef, StoreSearch
 from codebook.browser import create_app
@@ -19,30 +30,38 @@ from codebook.steering import generate
 MONTHS = r"\b(January|February|March|April|May|June|July)\b"
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
+@contextmanager
+def serve(app) -> Iterator[str]:
+    """``app`` on a real uvicorn server on a free 127.0.0.1 port, in a thread; yields its URL."""
     import uvicorn
 
-    root = tmp_path_factory.mktemp("browser")
-    texts = make_corpus(root / "corpus", n_docs=12)
-    tok = save_bpe_tokenizer(texts, root / "tok")
-    save_tiny_codebook_model(root / "model", len(tok))
-    tok.save_pretrained(str(root / "model"))
-    store = build_store(root / "model", root / "corpus", root / "store")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(store.root), host="127.0.0.1", port=port,
-                                           log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
     while not server.started and time.time() < deadline:
         time.sleep(0.05)
     assert server.started
-    yield {"url": f"http://127.0.0.1:{port}", "store": store, "root": root}
-    server.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("browser")
+    texts = make_corpus(root / "corpus", n_docs=12)
+    tok = save_bpe_tokenizer(texts, root / "tok")
+    save_tiny_codebook_model(root / "model", len(tok))
+    tok.save_pretrained(str(root / "model"))
+    store = build_store(root / "model", root / "corpus", root / "store")
+    with serve(create_app(store.root)) as url:
+        yield {"url": url, "store": store, "root": root}
 
 
 @pytest.fixture(scope="module")
@@ -144,3 +163,188 @@ def test_token_search_usage_and_errors_are_shown(served, browser):
     browser.find_element(By.ID, "steer").click()
     err = wait_for(lambda: browser.find_element(By.ID, "steer-error").text)
     assert "out of range" in err
+
+
+# ---------------------------------------------------------------------- safe by default
+def call(url: str, path: str, body: Any = None, host: str | None = None,
+         raw: bytes | None = None) -> tuple[int, Any]:
+    """(status, JSON or text) of a GET, or of a POST when ``body``/``raw`` is given."""
+    data = raw if raw is not None else None if body is None else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"}
+    if host is not None:
+        headers["Host"] = host
+    req = urllib.request.Request(url + path, data=data, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=300) as res:
+            status, payload = res.status, res.read()
+    except urllib.error.HTTPError as err:
+        status, payload = err.code, err.read()
+    try:
+        return status, json.loads(payload)
+    except ValueError:
+        return status, payload.decode()
+
+
+STEER_REQUESTS = [
+    ("the king went", ["mlp_1.0.42"]),
+    ("in May the", ["attn_heads_0.1.7", "mlp_0.0.3"]),
+    ("square feet of", ["mlp_0.0.100"]),
+    ("the king went", ["attn_heads_1.2.250"]),
+    ("\"quoted\" words", ["mlp_1.0.5", "mlp_1.0.6", "attn_heads_1.0.9"]),
+    ("1999 and 2004", ["attn_heads_0.3.9"]),
+]
+
+
+def test_concurrent_steering_requests_answer_as_if_made_alone(served):
+    def steer(prompt: str, codes: list[str]) -> dict:
+        status, body = call(served["url"], "/api/steer",
+                            {"prompt": prompt, "codes": codes, "max_new_tokens": 40})
+        assert status == 200, body
+        return body
+
+    alone = [steer(*r) for r in STEER_REQUESTS]
+    # the codes change the text, so a request steered by another's codes would show
+    assert sum(a["steered"] != a["baseline"] for a in alone) >= len(alone) // 2, alone
+    assert len({a["baseline"] for a in alone}) > 1  # different prompts, different baselines
+
+    def run(i: int, start: threading.Barrier, got: list[Any]) -> None:
+        start.wait()  # all requests at once
+        got[i] = steer(*STEER_REQUESTS[i])
+
+    for _ in range(3):
+        got: list[Any] = [None] * len(STEER_REQUESTS)
+        start = threading.Barrier(len(STEER_REQUESTS))
+        threads = [threading.Thread(target=run, args=(i, start, got))
+                   for i in range(len(STEER_REQUESTS))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=600)
+        assert got == alone
+
+
+def test_parameters_over_their_caps_answer_400_naming_the_cap(served):
+    from codebook.browser import app as browser
+
+    url, code = served["url"], "mlp_1.0.42"
+    over = [
+        (f"/api/search/regex?q=May&top={browser.MAX_TOP + 1}", "top"),
+        ("/api/search/regex?q=May&min_recall=1.5", "min_recall"),
+        (f"/api/search/regex?q={'a' * (browser.MAX_QUERY_CHARS + 1)}", "regex"),
+        (f"/api/search/token?q=%20May&top={browser.MAX_TOP + 1}", "top"),
+        (f"/api/search/token?q={'a' * (browser.MAX_QUERY_CHARS + 1)}", "q"),
+        (f"/api/code/{code}?n={browser.MAX_CONTEXTS + 1}", "n"),
+        (f"/api/usage/mlp_1?bins={browser.MAX_BINS + 1}", "bins"),
+        ("/api/usage/mlp_1?bins=0", "bins"),
+    ]
+    for path, name in over:
+        status, body = call(url, path)
+        assert status == 400, (path, status, body)
+        assert body["detail"].startswith(f"{name}: ") and "Fix:" in body["detail"], body
+    steer = {"prompt": "the king", "codes": [code], "max_new_tokens": 20}
+    for change, name in [({"prompt": "x" * (browser.MAX_PROMPT_CHARS + 1)}, "prompt"),
+                         ({"max_new_tokens": browser.MAX_NEW_TOKENS + 1}, "max_new_tokens"),
+                         ({"max_new_tokens": 0}, "max_new_tokens"),
+                         ({"codes": [code] * (browser.MAX_STEER_CODES + 1)}, "codes")]:
+        status, body = call(url, "/api/steer", {**steer, **change})
+        assert status == 400 and body["detail"].startswith(f"{name}: "), (change, body)
+    status, body = call(url, "/api/steer", raw=b" " * (browser.MAX_BODY_BYTES + 1))
+    assert status == 413 and "cap" in body["detail"], body
+    # at the caps themselves the requests are served
+    assert call(url, f"/api/search/token?q=%20May&top={browser.MAX_TOP}")[0] == 200
+    assert call(url, f"/api/usage/mlp_1?bins={browser.MAX_BINS}")[0] == 200
+    status, body = call(url, "/api/steer", {**steer, "max_new_tokens": 1})
+    assert status == 200 and body["codes"] == [code]
+
+
+def test_a_foreign_host_header_is_refused(served):
+    url = served["url"]
+    port = url.rsplit(":", 1)[1]
+    for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.nip.io", "10.1.2.3"):
+        status, body = call(url, "/api/meta", host=host)
+        assert status == 400 and "Invalid host header" in body, (host, status, body)
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost"):
+        assert call(url, "/api/meta", host=host)[0] == 200, host
+    # more names on request (pipelines/browse.py --allowed-hosts)
+    app = create_app(served["store"].root, allowed_hosts=["browser.example.org"])
+    with serve(app) as other:
+        assert call(other, "/api/meta", host="browser.example.org")[0] == 200
+        assert call(other, "/api/meta", host=f"127.0.0.1:{other.rsplit(':', 1)[1]}")[0] == 200
+        assert call(other, "/api/meta", host="evil.example")[0] == 400
+
+
+def test_browse_cli_allowed_hosts_flag(served):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, str(REPO / "pipelines" / "browse.py"), "--store",
+                             str(served["store"].root), "--port", str(port), "--allowed-hosts",
+                             "browser.example.org"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while True:
+            try:
+                status, _ = call(url, "/api/meta")
+                break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
+                time.sleep(0.3)
+        assert status == 200
+        assert call(url, "/api/meta", host="browser.example.org")[0] == 200
+        assert call(url, "/api/meta", host="evil.example")[0] == 400
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_exponential_regexes_are_refused_quickly(served):
+    from codebook.analysis.features import DEFAULT_FEATURES
+    from codebook.browser.app import check_regex
+
+    for pattern in (r"(a+)+$", r"(\w+\s?)*x", r"(a|aa)*b", r"(.*)*y", r"(?:x|xy)+y"):
+        began = time.time()
+        status, body = call(served["url"], "/api/search/regex?" + urllib.parse.urlencode(
+            {"q": pattern}))
+        assert status == 400 and "exponential" in body["detail"], (pattern, body)
+        assert time.time() - began < 5
+        status, body = call(served["url"], "/api/code/mlp_1.0.42?" + urllib.parse.urlencode(
+            {"regex": pattern}))
+        assert status == 400 and "exponential" in body["detail"], (pattern, body)
+    # the project's own features and the usual safe forms stay allowed
+    for pattern in [f.regex for f in DEFAULT_FEATURES] + [MONTHS, r"(\d++\.)+", r"(?:ab|cd)+"]:
+        check_regex(pattern)
+
+
+def test_regex_scans_stop_at_their_budget_and_say_the_result_is_partial(served):
+    from codebook.browser.app import BoundedStoreSearch, Limits
+
+    store = served["store"]
+    full = StoreSearch(store).codes_for_regex(MONTHS, top=50)
+    search = BoundedStoreSearch(store)
+    with search.budget(Limits()) as scan:  # within budget: the same answer as unbounded
+        assert search.codes_for_regex(MONTHS, top=50) == full
+    assert not scan.partial and scan.documents == store.meta.num_documents
+
+    with search.budget(Limits(regex_max_chars=1500)) as scan:  # text budget: a few documents
+        some = search.codes_for_regex(MONTHS, top=50)
+    report = scan.report(store.meta.num_documents)
+    assert report["partial"] and 0 < report["scanned_documents"] < store.meta.num_documents
+    assert "text budget" in report["note"] and "partial result" in report["note"]
+    assert some != full and sum(r["positives"] for r in some[:1]) < full[0]["positives"]
+
+    with search.budget(Limits(regex_max_doc_chars=1)) as scan:  # every document too long
+        assert search.codes_for_regex(MONTHS) == []
+    assert scan.documents == 0 and "skipped documents over 1 characters" in scan.notes
+
+    # over HTTP, with a time budget already spent: stops before the first document
+    with serve(create_app(store.root, limits=Limits(regex_seconds=0.0))) as url:
+        began = time.time()
+        status, body = call(url, "/api/search/regex?" + urllib.parse.urlencode({"q": MONTHS}))
+        assert status == 200 and time.time() - began < 30
+        assert body["partial"] and body["scanned_documents"] == 0 and body["results"] == []
+        assert "time budget" in body["note"]
+        status, body = call(url, "/api/code/mlp_1.0.42?" + urllib.parse.urlencode(
+            {"regex": MONTHS}))
+        assert status == 200 and body["partial"] and "time budget" in body["note"]

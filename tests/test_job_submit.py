@@ -22,7 +22,9 @@ def test_ray_job_submit_to_a_local_head_runs_the_training_job(tmp_path):
     script = str(REPO / "cluster" / "local_head.sh")
     try:
         subprocess.run(["bash", script, "start"], env=env, check=True, timeout=200)
-        sets = tiny_overrides(tmp_path, "submitted", **{"run.max_steps": 6})
+        sets = tiny_overrides(tmp_path, "submitted", **{"run.max_steps": 6,
+                                                        "codebook.start_step": 2,
+                                                        "codebook.kmeans_init_batches": 1})
         args = ["--config", "configs/fsm.yaml", "--max-steps", "6"]
         for item in sets:
             args += ["--set", item]
@@ -32,6 +34,12 @@ def test_ray_job_submit_to_a_local_head_runs_the_training_job(tmp_path):
         summary = json.loads([line for line in done.stdout.splitlines()
                               if line.startswith('{"mlflow_run_id"')][-1])
         assert summary["steps"] == 6
+        from mlflow.tracking import MlflowClient  # the job trained with its codebooks on
+
+        client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+        recon = client.get_metric_history(summary["mlflow_run_id"], "train/recon_loss")
+        assert [m.value > 0 for m in recon if m.step > 2] == [True, True]  # steps 4 and 6
+        assert client.get_metric_history(summary["mlflow_run_id"], "codebook/kmeans_init_s")
         assert (tmp_path / "submitted").is_dir()
         ray_cli = str(Path(sys.executable).parent / "ray")
         status = subprocess.run([ray_cli, "job", "status", "--address", "http://127.0.0.1:8365",

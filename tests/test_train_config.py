@@ -49,3 +49,34 @@ def test_bad_config_is_rejected_with_field_and_fix(overrides, field, words):
 def test_missing_config_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_relative_paths_are_resolved_once_against_the_working_directory(tmp_path, monkeypatch,
+                                                                       tok_dir):
+    import shutil
+
+    shutil.copytree(tok_dir, tmp_path / "data" / "tokenizers" / "bpe")
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("some text")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(FSM_CONFIG, ["data.source=text", "data.paths=[corpus]",
+                                   "model.tokenizer=data/tokenizers/bpe",
+                                   "run.storage_path=runs"])
+    assert cfg.model.tokenizer == str(tmp_path / "data" / "tokenizers" / "bpe")
+    assert cfg.data.paths == [str(tmp_path / "corpus")]
+    assert cfg.run.storage_path == str(tmp_path / "runs")
+    # what the Ray workers get back (from another working directory) is the same
+    from codebook.training.config import TrainConfig, build
+
+    monkeypatch.chdir("/")
+    again = build(TrainConfig, cfg.to_dict(), "")
+    assert again.model.tokenizer == cfg.model.tokenizer and again.storage_path == tmp_path / "runs"
+
+
+def test_a_missing_local_tokenizer_is_a_config_error_not_a_hub_lookup(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="model.tokenizer: data/tokenizers/x does not exist"):
+        load_config(FSM_CONFIG, ["model.tokenizer=data/tokenizers/x"])
+    # an owner/name that is not a local folder stays a Hub id
+    cfg = load_config(FSM_CONFIG, ["model.tokenizer=EleutherAI/pythia-70m"])
+    assert cfg.model.tokenizer == "EleutherAI/pythia-70m"

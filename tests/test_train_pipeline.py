@@ -37,18 +37,32 @@ def runs_in(cfg) -> list:
     return client.search_runs([client.get_experiment_by_name(cfg.mlflow.experiment).experiment_id])
 
 
+def codebooks_on(cfg, run_id: str, start: int) -> None:
+    """The run trained with its codebooks: k-means ran at ``start`` and every logged step from
+    then on has a positive reconstruction loss (a plain transformer logs 0)."""
+    assert [s for s, _ in history(cfg, run_id, "codebook/kmeans_init_s")] == [start]
+    recon = history(cfg, run_id, "train/recon_loss")
+    assert recon and all(v > 0 for s, v in recon if s > start)
+    assert all(v == 0 for s, v in recon if s <= start)
+
+
 def test_zero2_two_workers_learn_log_to_mlflow_and_save_hf_checkpoint(local_ray, tmp_path):
     cfg = load_config(FSM_CONFIG, tiny_overrides(
         tmp_path, "zero2", **{"deepspeed.zero_stage": 2, "run.num_workers": 2,
                               "run.max_steps": 12, "codebook.commit_weight": 0.25,
-                              "codebook.kmeans_init_batches": 1, "codebook.dead_code_steps": 3}))
+                              "codebook.start_step": 2, "codebook.kmeans_init_batches": 1,
+                              "codebook.dead_code_steps": 3}))
     summary = fit(cfg)
     assert summary["steps"] == 12
-    loss = history(cfg, summary["mlflow_run_id"], "train/loss")
+    run_id = summary["mlflow_run_id"]
+    loss = history(cfg, run_id, "train/loss")
     assert loss[0][0] == 1 and loss[-1][0] == 12
-    assert loss[-1][1] < loss[0][1]
-    assert history(cfg, summary["mlflow_run_id"], "eval/loss")
-    assert history(cfg, summary["mlflow_run_id"], "train/mlp_1/dead_code_fraction")
+    assert loss[-1][1] < max(v for s, v in loss if s > 2)  # learns with the codebooks on
+    codebooks_on(cfg, run_id, start=2)
+    assert history(cfg, run_id, "eval/loss")
+    assert history(cfg, run_id, "train/mlp_1/dead_code_fraction")
+    replaced = history(cfg, run_id, "train/codebook/replaced_codes")
+    assert sum(v for _, v in replaced) > 0  # dead-code replacement ran (every 3 steps)
     run = MlflowClient(cfg.tracking_uri()).get_run(summary["mlflow_run_id"])
     assert run.data.params["deepspeed.zero_stage"] == "2" and run.info.status == "FINISHED"
     assert run.data.tags["ray_job_id"]
@@ -61,7 +75,10 @@ def test_zero2_two_workers_learn_log_to_mlflow_and_save_hf_checkpoint(local_ray,
 def test_zero3_checkpoint_saves_and_resumes(local_ray, tmp_path):
     over = {"deepspeed.zero_stage": 3, "run.num_workers": 2, "run.checkpoint_every": 4,
             "codebook.start_step": 2, "codebook.kmeans_init_batches": 1,
-            "codebook.dead_code_steps": 2}
+            "codebook.dead_code_steps": 3, "codebook.k": 3, "codebook.k_min": 1,
+            "codebook.k_schedule_steps": 6,
+            # lr independent of max_steps, so 4 steps + 4 resumed is the same run as 8 steps
+            "optim.schedule": "constant"}
     first = fit(load_config(FSM_CONFIG, tiny_overrides(tmp_path, "zero3", **over,
                                                        **{"run.max_steps": 4})))
     saved = CodebookModel.from_pretrained(first["model"])
@@ -75,6 +92,26 @@ def test_zero3_checkpoint_saves_and_resumes(local_ray, tmp_path):
     steps = [s for s, _ in history(cfg, second["mlflow_run_id"], "train/loss")]
     assert steps == [1, 2, 4, 6, 8]  # the resumed part continues at step 5, logging 6 and 8
     assert len(runs_in(cfg)) == 1
+    codebooks_on(cfg, second["mlflow_run_id"], start=2)
+    # The resumed run restored the codebook state (codes, steps_unused, the k schedule's step):
+    # it ends exactly where an uninterrupted run of 8 steps ends.
+    straight = fit(load_config(FSM_CONFIG, tiny_overrides(tmp_path, "zero3-straight", **over,
+                                                          **{"run.max_steps": 8})))
+    resumed = codebook_state(second["model"])
+    uninterrupted = codebook_state(straight["model"])
+    assert resumed["k"] == uninterrupted["k"] == {1}
+    assert saved.k_in_force == 2  # step 4 of the schedule 3 -> 1 over 6 steps
+    for key, value in uninterrupted["tensors"].items():
+        torch.testing.assert_close(resumed["tensors"][key], value, rtol=1e-4, atol=1e-5)
+    assert any(k.endswith("steps_unused") for k in uninterrupted["tensors"])
+
+
+def codebook_state(model_dir: str) -> dict:
+    from safetensors.torch import load_file
+
+    model = CodebookModel.from_pretrained(model_dir)
+    return {"k": {layer.k for layer in model.codebooks.values()},
+            "tensors": load_file(f"{model_dir}/codebooks.safetensors")}
 
 
 def test_bad_input_fails_before_workers_start(local_ray, tmp_path):
@@ -99,7 +136,9 @@ def test_losing_a_worker_node_restores_from_the_last_checkpoint(tmp_path):
             tmp_path, "ft", **{"run.max_steps": 300, "run.checkpoint_every": 20,
                                "run.log_every": 10, "run.eval_every": 100,
                                "run.cpus_per_worker": 1, "run.max_failures": 3,
-                               "deepspeed.enabled": False}))
+                               "deepspeed.enabled": False, "codebook.start_step": 10,
+                               "codebook.kmeans_init_batches": 2,
+                               "codebook.dead_code_steps": 25}))
         result: dict = {}
         thread = threading.Thread(target=lambda: result.update(fit(cfg)))
         thread.start()
@@ -125,6 +164,11 @@ def test_losing_a_worker_node_restores_from_the_last_checkpoint(tmp_path):
         assert repeated, "the run never restarted"
         assert min(repeated) > 20  # restored from a checkpoint, not from step 0
         assert len(runs_in(cfg)) == 1
+        # the codebooks were on, and the restart did not re-run k-means (state restored)
+        assert {s for s, _ in history(cfg, result["mlflow_run_id"],
+                                      "codebook/kmeans_init_s")} == {10}
+        recon = history(cfg, result["mlflow_run_id"], "train/recon_loss")
+        assert all(v > 0 for s, v in recon if s > 10)
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -142,7 +186,10 @@ def test_killed_driver_resumes_to_the_same_final_step_count(tmp_path):
     name = "killed"
     sets = tiny_overrides(tmp_path, name, **{"run.max_steps": 400, "run.checkpoint_every": 20,
                                              "run.eval_every": 100, "run.log_every": 20,
-                                             "deepspeed.enabled": False})
+                                             "deepspeed.enabled": False,
+                                             "codebook.start_step": 10,
+                                             "codebook.kmeans_init_batches": 2,
+                                             "codebook.dead_code_steps": 25})
     args = [sys.executable, "pipelines/train.py", "--config", str(FSM_CONFIG)]
     for item in sets:
         args += ["--set", item]
@@ -167,3 +214,32 @@ def test_killed_driver_resumes_to_the_same_final_step_count(tmp_path):
     assert len(runs_in(cfg)) == 1
     steps = [s for s, _ in history(cfg, summary["mlflow_run_id"], "train/loss")]
     assert steps[-1] == 400 and steps[0] == 1
+    codebooks_on(cfg, summary["mlflow_run_id"], start=10)
+
+
+def test_worker_config_error_reaches_the_driver_as_itself(local_ray, tmp_path):
+    """A ConfigError raised inside a Ray Train worker comes back as the same error (it
+    survives pickling) and is not retried."""
+    cfg = load_config(FSM_CONFIG, tiny_overrides(
+        tmp_path, "badmodel", **{"model.from_config.model_type": "null", "run.max_failures": 3}))
+    with pytest.raises(ConfigError, match="model.from_config.model_type: missing"):
+        fit(cfg)
+
+
+def test_divergence_stops_the_job_at_once_with_the_last_good_checkpoint(local_ray, tmp_path):
+    from codebook.errors import TrainingDiverged
+
+    cfg = load_config(FSM_CONFIG, tiny_overrides(
+        tmp_path, "diverged", **{"codebook.start_step": 0, "run.max_steps": 40,
+                                 "run.log_every": 1, "run.checkpoint_every": 1,
+                                 "run.max_nonfinite_steps": 3, "optim.lr": 1e30,
+                                 "run.max_failures": 2}))
+    with pytest.raises(TrainingDiverged) as info:
+        fit(cfg)
+    assert info.value.last_good_checkpoint.startswith(str(cfg.run_dir))  # step 1's folder
+    run = runs_in(cfg)[0]
+    losses = history(cfg, run.info.run_id, "train/loss")
+    steps = [s for s, _ in losses]
+    assert steps == [1, 2, 3, 4]  # one attempt: a retry would log steps 1.. again
+    assert all(v != v for _, v in losses[1:])  # NaN logged as it is
+    assert run.info.status == "FAILED"

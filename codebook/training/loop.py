@@ -262,6 +262,7 @@ def save_checkpoint(model: CodebookModel, engine, state: TrainState, workers: Wo
     """
     directory = Path(tempfile.mkdtemp(prefix=f"ckpt-{state.step:08d}-"))
     try:
+        sync_code_ages(model, workers)
         engine.save(directory, workers.rank)
         params = list(model.parameters())
         with engine.full_params(params):
@@ -309,6 +310,17 @@ def kmeans_init(model: CodebookModel, batches: list[Batch], engine, cfg: TrainCo
             layer.enabled = True  # later sites are fitted with this codebook on
     model.train()
     return time.perf_counter() - started
+
+
+@torch.no_grad()
+def sync_code_ages(model: CodebookModel, workers: Workers) -> None:
+    """Give every rank the across-rank ``steps_unused`` (a code's age is the time since it
+    fired on any rank), so rank 0's saved copy, which every rank loads on resume, is the run's.
+    Dead-code replacement takes the same minimum, and the minimum commutes with what follows:
+    training goes on as it would have without a checkpoint."""
+    if workers.world_size > 1:
+        for layer in model.codebooks.values():
+            dist.all_reduce(layer.steps_unused, op=dist.ReduceOp.MIN)
 
 
 @torch.no_grad()
