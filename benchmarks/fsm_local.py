@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(json.dumps({"stage": "trained", "train_s": round(train_s, 1),
                       "final_eval_loss": summary["final_eval_loss"]}), flush=True)
 
-    fsm = TokFSM(cfg.fsm_config)
+    fsm = TokFSM(cfg.data.fsm)
     model = CodebookModel.from_pretrained(summary["model"]).to(device).eval()
     eval_tokens = torch.from_numpy(fsm.eval_set(cfg.data.eval_blocks))
     t0 = time.perf_counter()

@@ -44,7 +44,7 @@ from codebook.steering import (  # noqa: E402
     topic_mass,
     topic_token_ids,
 )
-from pipelines.steer import load_topics  # noqa: E402
+from codebook.topics import load_topics  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

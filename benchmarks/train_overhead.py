@@ -166,10 +166,10 @@ def plain_loop(cfg: TrainConfig, threads: int) -> dict[str, Any]:
     optimizer, scheduler = make_optimizer(model, cfg)
     model.train()
     model.set_step(0)
-    cb, accum, clip = cfg.codebook_config, cfg.optim.grad_accum, cfg.optim.grad_clip
+    cb, accum, clip = cfg.codebook, cfg.optim.grad_accum, cfg.optim.grad_clip
     params = list(model.parameters())
     engine, workers = _NoShardEngine(), Workers()
-    batches = fsm_train_batches(TokFSM(cfg.fsm_config), cfg.optim.batch_size, cfg.run.seed, 0,
+    batches = fsm_train_batches(TokFSM(cfg.data.fsm), cfg.optim.batch_size, cfg.run.seed, 0,
                                 0, 1, cfg.data.eval_blocks)
     setup_s = time.perf_counter() - t_setup
     loss_sum = torch.zeros(3)

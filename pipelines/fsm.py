@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     from codebook.tracking import MLflowLogger, log_artifacts
     from pipelines.launch import fit, init_ray
 
-    fsm = TokFSM(cfg.fsm_config)
+    fsm = TokFSM(cfg.data.fsm)
     out_dir = cfg.run_dir / "analysis"
     out_dir.mkdir(parents=True, exist_ok=True)
     fsm.save(out_dir / "fsm.json")

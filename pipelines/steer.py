@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -37,9 +36,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script or a Ray job
 
-import yaml  # noqa: E402
 
 from codebook.errors import ConfigError  # noqa: E402
+from codebook.topics import load_topics  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -74,48 +73,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                           "sqlite in --out)")
     p.add_argument("--experiment", default="codebook-steering")
     return p.parse_args(argv)
-
-
-def _texts(spec: dict[str, Any], key: str, where: str) -> list[str]:
-    from codebook.data.text import expand_paths
-
-    texts = [str(t) for t in spec.get(f"{key}_texts") or []]
-    files = spec.get(f"{key}_files") or []
-    if files:
-        texts += [Path(f).read_text(errors="replace")
-                  for f in expand_paths([str(f) for f in files], (".txt", ".md", ".text"))]
-    if not any(t.strip() for t in texts):
-        raise ConfigError(f"{where}.{key}_texts", "empty",
-                          f"give {key}_texts or {key}_files with some text")
-    return texts
-
-
-def load_topics(path: str, prompts: list[str] | None) -> dict[str, Any]:
-    """Read and check the topics file before any model is loaded."""
-    try:
-        spec = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError("--topics", f"cannot read {path}: {err}", "pass a YAML file") from err
-    if not isinstance(spec, dict) or not isinstance(spec.get("topics"), list) or \
-            not spec["topics"]:
-        raise ConfigError("--topics", f"{path} has no 'topics' list",
-                          "see pipelines/steer.py's docstring for the format")
-    prompts = prompts if prompts is not None else [str(p) for p in spec.get("prompts") or []]
-    if not prompts:
-        raise ConfigError("prompts", "no prompts", "add prompts: [...] or pass --prompts")
-    background = _texts(spec, "background", "topics file")
-    topics = []
-    for i, t in enumerate(spec["topics"]):
-        where = f"topics[{i}]"
-        if not isinstance(t, dict) or not t.get("name") or not t.get("regex"):
-            raise ConfigError(where, f"got {t!r}", "each topic needs name and regex")
-        try:
-            pattern = re.compile(str(t["regex"]), re.IGNORECASE)
-        except re.error as err:
-            raise ConfigError(f"{where}.regex", str(err), "fix the pattern") from err
-        topics.append({"name": str(t["name"]), "regex": pattern,
-                       "topic_texts": _texts(t, "topic", where)})
-    return {"prompts": prompts, "background": background, "topics": topics}
 
 
 def run(args: argparse.Namespace, spec: dict[str, Any], model: Any, tokenizer: Any

@@ -107,7 +107,7 @@ def test_the_loop_runs_without_ray_and_logs_each_groups_lr(tmp_path):
                      "codebook.kmeans_init_batches": 1, "deepspeed.enabled": False,
                      "optim.lr": 1e-2, "optim.model_lr_factor": 0.5, "optim.schedule": "constant",
                      "optim.codebook_phase_model_lr_factor": 0.1}))
-    fsm = TokFSM(cfg.fsm_config)
+    fsm = TokFSM(cfg.data.fsm)
     data = LoopData(
         train=lambda start: fsm_train_batches(fsm, 8, 0, start, 0, 1, cfg.data.eval_blocks),
         eval=lambda: fsm_eval_batches(fsm, cfg.data.eval_blocks, 8, 0, 1))

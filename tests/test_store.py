@@ -76,7 +76,10 @@ def test_feature_files_are_validated(tmp_path):
     with pytest.raises(ConfigError, match="features.broken"):
         load_features(bad)
     bad.write_text("- {name: x}\n")
-    with pytest.raises(ConfigError, match="needs name and regex"):
+    with pytest.raises(ConfigError, match=r"--features\[0\]\.regex: missing"):
+        load_features(bad)
+    bad.write_text("- {name: x, regex: y, ignorecase: true}\n")
+    with pytest.raises(ConfigError, match=r"--features\[0\]\.ignorecase: unknown key"):
         load_features(bad)
     bad.write_text("- {name: months, regex: 'x'}\n")
     with pytest.raises(ConfigError, match="duplicate"):

@@ -165,7 +165,7 @@ def test_sweep_asha_mlflow_best_config_and_resume_after_kill(tmp_path):
 
     # The best config is a ready-to-run training config.
     best = load_config(summary["best_config_path"])
-    assert best.codebook_config.k == summary["best_config"]["codebook.k"]
+    assert best.codebook.k == summary["best_config"]["codebook.k"]
     assert best.optim.lr == summary["best_config"]["optim.lr"]
     assert best.run.max_steps == MAX_STEPS and best.run.name is None
     table = Path(summary["sweep_dir"]) / "summary.csv"

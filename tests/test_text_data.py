@@ -75,8 +75,8 @@ def test_shipped_text_configs_validate(name, tmp_path):
 
     (tmp_path / "a.txt").write_text("x")
     cfg = load_config(REPO / "configs" / name, [f"data.paths={json.dumps([str(tmp_path)])}"])
-    assert cfg.data.source == "text" and "attn_heads" in cfg.codebook_config.sites
-    assert cfg.codebook_config.k == (1 if name == "text_steer.yaml" else 8)
+    assert cfg.data.source == "text" and "attn_heads" in cfg.codebook.sites
+    assert cfg.codebook.k == (1 if name == "text_steer.yaml" else 8)
     tokenizer = cfg.model.tokenizer
     if tokenizer and Path(tokenizer).is_dir() and all(Path(p).is_dir() for p in cfg.data.paths):
         cfg = load_config(REPO / "configs" / name)  # its relative paths are from the cwd

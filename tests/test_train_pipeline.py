@@ -67,7 +67,7 @@ def test_zero2_two_workers_learn_log_to_mlflow_and_save_hf_checkpoint(local_ray,
     assert run.data.params["deepspeed.zero_stage"] == "2" and run.info.status == "FINISHED"
     assert run.data.tags["ray_job_id"]
     model = CodebookModel.from_pretrained(summary["model"]).eval()
-    assert model.codebook_config == cfg.codebook_config
+    assert model.codebook_config == cfg.codebook
     ids = torch.randint(0, 11, (2, 25))
     assert torch.isfinite(model(input_ids=ids).logits).all()
 

@@ -179,7 +179,7 @@ def _ddp_rank(rank: int, port: int, storage: str, queue) -> None:
         counts = []
         for step in range(4):
             for layer in model.codebooks.values():
-                layer.enabled = step >= cfg.codebook_config.start_step
+                layer.enabled = step >= cfg.codebook.start_step
             ids = torch.randint(0, 11, (4 - 2 * rank, 24), generator=gen)  # 4 and 2 sequences
             out = engine(input_ids=ids, labels=ids)
             engine.backward(out.loss)

@@ -27,27 +27,25 @@ import json
 import math
 import os
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from codebook.errors import ConfigError
+from codebook.schema import build, read_yaml
 from codebook.training.config import TrainConfig, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
-SWEEP_KEYS = ("name", "base_config", "overrides", "search", "num_samples", "metric", "mode",
-              "scheduler", "max_concurrent_trials", "resources_per_trial", "seed")
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
-# What the training loop reports to Ray Train at each checkpoint (pipelines.launch.RayReporter).
-METRICS = ("eval_loss", "eval_accuracy", "train_loss", "train_lm_loss", "train_recon_loss",
-           "train_codebook_dead_code_fraction", "tokens_per_s")
+# What the training loop reports to Ray Train at each checkpoint (the Ray reporter).
+Metric = Literal["eval_loss", "eval_accuracy", "train_loss", "train_lm_loss", "train_recon_loss",
+                 "train_codebook_dead_code_fraction", "tokens_per_s"]
+METRICS = typing.get_args(Metric)
 SCHEDULERS = ("asha", "fifo")
-ASHA_KEYS = ("grace_period", "reduction_factor", "max_t", "time_attr")
-TIME_ATTRS = ("step", "training_iteration")
-RESOURCE_KEYS = ("trial_cpu", "num_workers", "cpus_per_worker", "use_gpu")
 # Set by the sweep itself for every trial; searching or overriding them makes no sense.
 RESERVED = {
     "run.name": "each trial gets its own run name",
@@ -66,6 +64,45 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
+# ---------------------------------------------------------------------- the file's schema
+@dataclass
+class AshaFile:
+    """``scheduler: {asha: {...}}``; unset values default from the base config."""
+
+    grace_period: int | None = None
+    reduction_factor: float = 2.0
+    max_t: int | None = None
+    time_attr: Literal["step", "training_iteration"] = "step"
+
+
+@dataclass
+class ResourcesFile:
+    """``resources_per_trial``; unset values come from the base config's ``run`` section."""
+
+    trial_cpu: float | None = None
+    num_workers: int | None = None
+    cpus_per_worker: float | None = None
+    use_gpu: bool | None = None
+
+
+@dataclass
+class SweepFile:
+    """A sweep file as written (see the module docstring); checked by ``codebook.schema``."""
+
+    base_config: str
+    search: dict[str, dict[str, list[Any]]]
+    name: str | None = None
+    overrides: list[str] = field(default_factory=list)
+    num_samples: int = 1
+    metric: Metric = "eval_loss"
+    mode: Literal["min", "max"] = "min"
+    scheduler: dict[str, AshaFile | None] | Literal["fifo"] | None = None
+    max_concurrent_trials: int | None = None
+    resources_per_trial: ResourcesFile | None = None
+    seed: int | None = None
+
+
+# ---------------------------------------------------------------------- the checked sweep
 @dataclass
 class Dimension:
     """One searched config key: ``{grid|choice: [values]}`` or ``{uniform|loguniform|randint:
@@ -240,32 +277,16 @@ def trial_config(base_config: str | Path, values: dict[str, Any], run_name: str 
 def load_spec(path: str | Path, name: str | None = None) -> SweepSpec:
     """Read and check a sweep file; raises ConfigError before anything runs."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError("--config", f"{path} not found", "pass a YAML file from configs/sweeps/")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(str(path), f"not valid YAML ({err})", "fix the YAML syntax") from err
+    raw = read_yaml(path, "--config", "pass a YAML file from configs/sweeps/") or {}
     if not isinstance(raw, dict):
         raise ConfigError(str(path), "top level is not a mapping", "write `key: value` pairs")
-    unknown = sorted(set(raw) - set(SWEEP_KEYS))
-    if unknown:
-        raise ConfigError(unknown[0], "unknown key in the sweep file",
-                          f"valid keys: {list(SWEEP_KEYS)}")
-
-    sweep_name = name or raw.get("name") or path.stem
-    if not isinstance(sweep_name, str) or not _NAME.match(sweep_name):
+    file = build(SweepFile, raw, "")
+    sweep_name = name or file.name or path.stem
+    if not _NAME.match(sweep_name):
         raise ConfigError("name", f"got {sweep_name!r}",
                           "use letters, digits, '_', '-' and '.' (it names the sweep folder)")
-    if "base_config" not in raw:
-        raise ConfigError("base_config", "missing", "name a training config, e.g. "
-                          "base_config: configs/fsm.yaml")
-    base_path = _find_base(raw["base_config"])
-    overrides = raw.get("overrides") or []
-    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
-        raise ConfigError("overrides", f"got {overrides!r}",
-                          "write a list of 'section.key=value' strings")
-    for item in overrides:
+    base_path = _find_base(file.base_config)
+    for item in file.overrides:
         key = item.split("=", 1)[0].strip()
         if "=" not in item:
             raise ConfigError("overrides", f"{item!r} has no '='", "write section.key=value")
@@ -273,34 +294,23 @@ def load_spec(path: str | Path, name: str | None = None) -> SweepSpec:
                                            "mlflow.experiment"):
             raise ConfigError(f"overrides: {key}", "set by the sweep", RESERVED[key])
     try:
-        base = load_config(base_path, overrides)
+        base = load_config(base_path, file.overrides)
     except ConfigError as err:
         raise ConfigError(f"base_config/overrides: {err.field}", err.problem, err.fix) from err
-
-    search = _parse_search(raw.get("search"))
-    num_samples = _int(raw, "num_samples", 1, minimum=1)
-    metric = raw.get("metric", "eval_loss")
-    if metric not in METRICS:
-        raise ConfigError("metric", f"got {metric!r}",
-                          f"use a metric the training loop reports: {list(METRICS)}")
-    mode = raw.get("mode", "min")
-    if mode not in ("min", "max"):
-        raise ConfigError("mode", f"got {mode!r}", "use min or max")
-    max_concurrent = raw.get("max_concurrent_trials")
-    if max_concurrent is not None:
-        max_concurrent = _int(raw, "max_concurrent_trials", 1, minimum=1)
-    seed = raw.get("seed")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise ConfigError("seed", f"got {seed!r}", "use an integer or leave it out")
-    resources = _parse_resources(raw.get("resources_per_trial"), base)
+    for key in ("num_samples", "max_concurrent_trials"):
+        value = getattr(file, key)
+        if value is not None and value < 1:
+            raise ConfigError(key, f"got {value!r}", "use an integer >= 1")
 
     spec = SweepSpec(path=path, raw=raw, name=sweep_name, base_config=base_path,
-                     overrides=overrides, search=search, num_samples=num_samples, metric=metric,
-                     mode=mode, scheduler=Scheduler("fifo"),
-                     max_concurrent_trials=max_concurrent, resources=resources, seed=seed,
+                     overrides=file.overrides, search=_parse_search(file.search),
+                     num_samples=file.num_samples, metric=file.metric, mode=file.mode,
+                     scheduler=Scheduler("fifo"),
+                     max_concurrent_trials=file.max_concurrent_trials,
+                     resources=_resources(file.resources_per_trial, base), seed=file.seed,
                      base=base)
     _check_search_space(spec)
-    spec.scheduler = _parse_scheduler(raw.get("scheduler"), spec)
+    spec.scheduler = _scheduler(file.scheduler, spec)
     return spec
 
 
@@ -319,9 +329,6 @@ def _parse_search(search: Any) -> dict[str, Dimension]:
     if not search:
         raise ConfigError("search", "empty", "list at least one key, e.g. "
                           "search: {codebook.k: {grid: [1, 2]}}")
-    if not isinstance(search, dict):
-        raise ConfigError("search", f"expected a mapping, got {search!r}",
-                          "write search: {section.key: {grid: [...]}}")
     dims = {}
     for key, dist in search.items():
         where = f"search.{key}"
@@ -330,16 +337,13 @@ def _parse_search(search: Any) -> dict[str, Dimension]:
                               "write section.key, e.g. codebook.k or optim.lr")
         if key in RESERVED:
             raise ConfigError(where, "set by the sweep, not searchable", RESERVED[key])
-        if not isinstance(dist, dict) or len(dist) != 1:
+        if len(dist) != 1:
             raise ConfigError(where, f"got {dist!r}", "write exactly one distribution, e.g. "
                               "{grid: [1, 2]} (fixed values go in overrides)")
         kind, args = next(iter(dist.items()))
         if kind not in DISTRIBUTIONS:
             raise ConfigError(where, f"unknown distribution {kind!r}",
                               f"use one of {list(DISTRIBUTIONS)}")
-        if not isinstance(args, list):
-            raise ConfigError(f"{where}.{kind}", f"expected a list, got {args!r}",
-                              "write [value, ...] (or [low, high] for a range)")
         args = [_number(a) for a in args]
         if kind in ("grid", "choice"):
             if not args:
@@ -374,51 +378,31 @@ def _check_bounds(where: str, kind: str, args: list[Any]) -> None:
         raise ConfigError(where, f"low {low} is not positive", fix)
 
 
-def _int(raw: dict, key: str, default: int, minimum: int) -> int:
-    value = raw.get(key, default)
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ConfigError(key, f"got {value!r}", f"use an integer >= {minimum}")
-    return value
-
-
-def _parse_resources(raw: Any, base: TrainConfig) -> Resources:
+def _resources(file: ResourcesFile | None, base: TrainConfig) -> Resources:
     res = Resources(num_workers=base.run.num_workers, cpus_per_worker=base.run.cpus_per_worker,
                     use_gpu=base.run.use_gpu)
-    if raw is None:
-        return res
-    if not isinstance(raw, dict):
-        raise ConfigError("resources_per_trial", f"got {raw!r}",
-                          f"write a mapping with keys from {list(RESOURCE_KEYS)}")
-    unknown = sorted(set(raw) - set(RESOURCE_KEYS))
-    if unknown:
-        raise ConfigError(f"resources_per_trial.{unknown[0]}", "unknown key",
-                          f"valid keys: {list(RESOURCE_KEYS)}")
+    file = file or ResourcesFile()
     for key in ("trial_cpu", "cpus_per_worker"):
-        if key in raw:
-            v = raw[key]
-            if not isinstance(v, int | float) or isinstance(v, bool) or v < 0 or (
-                    key == "cpus_per_worker" and v == 0):
-                raise ConfigError(f"resources_per_trial.{key}", f"got {v!r}",
+        value = getattr(file, key)
+        if value is not None:
+            if value < 0 or (key == "cpus_per_worker" and value == 0):
+                raise ConfigError(f"resources_per_trial.{key}", f"got {value!r}",
                                   "use a number > 0 (fractions are fine, e.g. 0.49)")
-            setattr(res, key, float(v))
-    if "num_workers" in raw:
-        v = raw["num_workers"]
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ConfigError("resources_per_trial.num_workers", f"got {v!r}",
+            setattr(res, key, value)
+    if file.num_workers is not None:
+        if file.num_workers < 1:
+            raise ConfigError("resources_per_trial.num_workers", f"got {file.num_workers!r}",
                               "use an integer >= 1")
-        res.num_workers = v
-    if "use_gpu" in raw:
-        if raw["use_gpu"] is not None and not isinstance(raw["use_gpu"], bool):
-            raise ConfigError("resources_per_trial.use_gpu", f"got {raw['use_gpu']!r}",
-                              "use true, false or null (auto)")
-        res.use_gpu = raw["use_gpu"]
+        res.num_workers = file.num_workers
+    if file.use_gpu is not None:
+        res.use_gpu = file.use_gpu
     return res
 
 
-def _parse_scheduler(raw: Any, spec: SweepSpec) -> Scheduler:
+def _scheduler(raw: dict[str, AshaFile | None] | str | None, spec: SweepSpec) -> Scheduler:
     if raw is None or raw == "fifo":
         return Scheduler("fifo")
-    if not isinstance(raw, dict) or len(raw) != 1:
+    if len(raw) != 1:
         raise ConfigError("scheduler", f"got {raw!r}",
                           "write scheduler: {asha: {grace_period: N, ...}} or leave it out")
     kind, opts = next(iter(raw.items()))
@@ -427,33 +411,26 @@ def _parse_scheduler(raw: Any, spec: SweepSpec) -> Scheduler:
                           f"use one of {list(SCHEDULERS)}")
     if kind == "fifo":
         return Scheduler("fifo")
-    opts = opts or {}
-    if not isinstance(opts, dict):
-        raise ConfigError("scheduler.asha", f"got {opts!r}", f"write a mapping of {ASHA_KEYS}")
-    unknown = sorted(set(opts) - set(ASHA_KEYS))
-    if unknown:
-        raise ConfigError(f"scheduler.asha.{unknown[0]}", "unknown key",
-                          f"valid keys: {list(ASHA_KEYS)}")
-    time_attr = opts.get("time_attr", "step")
-    if time_attr not in TIME_ATTRS:
-        raise ConfigError("scheduler.asha.time_attr", f"got {time_attr!r}",
-                          f"use one of {list(TIME_ATTRS)}")
+    opts = opts or AshaFile()
     max_steps = spec.max_steps_bound()
     every = spec.base.run.eval_every
-    horizon = max_steps if time_attr == "step" else math.ceil(max_steps / every)
-    grace = _int(opts, "grace_period", every if time_attr == "step" else 1, minimum=1)
-    max_t = _int(opts, "max_t", horizon, minimum=1)
-    rf = _number(opts.get("reduction_factor", 2))
-    if not isinstance(rf, int | float) or isinstance(rf, bool) or rf <= 1:
-        raise ConfigError("scheduler.asha.reduction_factor", f"got {rf!r}",
+    step = opts.time_attr == "step"
+    horizon = max_steps if step else math.ceil(max_steps / every)
+    grace = opts.grace_period if opts.grace_period is not None else (every if step else 1)
+    max_t = opts.max_t if opts.max_t is not None else horizon
+    for key, value in (("grace_period", grace), ("max_t", max_t)):
+        if value < 1:
+            raise ConfigError(f"scheduler.asha.{key}", f"got {value!r}", "use an integer >= 1")
+    if opts.reduction_factor <= 1:
+        raise ConfigError("scheduler.asha.reduction_factor", f"got {opts.reduction_factor!r}",
                           "use a number > 1 (2 keeps the better half at each rung)")
     if grace >= min(max_t, horizon):
         raise ConfigError("scheduler.asha.grace_period",
                           f"{grace} leaves no rung before the end of training (max_t {max_t}, "
-                          f"{time_attr} at the end {horizon}), so ASHA can stop nothing early",
-                          "lower grace_period or raise run.max_steps")
-    return Scheduler("asha", grace_period=grace, reduction_factor=float(rf), max_t=max_t,
-                     time_attr=time_attr)
+                          f"{opts.time_attr} at the end {horizon}), so ASHA can stop nothing "
+                          "early", "lower grace_period or raise run.max_steps")
+    return Scheduler("asha", grace_period=grace, reduction_factor=opts.reduction_factor,
+                     max_t=max_t, time_attr=opts.time_attr)
 
 
 def _check_search_space(spec: SweepSpec) -> None:

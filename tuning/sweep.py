@@ -224,8 +224,8 @@ def collect_rows(spec: SweepSpec, results) -> list[dict[str, Any]]:
         best_seen = (min(evals) if spec.mode == "min" else max(evals)) if evals else None
         rows.append({
             "trial_id": trial_id, "status": status, **values,
-            "k": cfg.codebook_config.k, "num_codes": cfg.codebook_config.num_codes,
-            "sites": "+".join(cfg.codebook_config.sites), "lr": cfg.optim.lr,
+            "k": cfg.codebook.k, "num_codes": cfg.codebook.num_codes,
+            "sites": "+".join(cfg.codebook.sites), "lr": cfg.optim.lr,
             "max_steps": cfg.run.max_steps, "steps": step, "reports": len(evals),
             "eval_loss": m.get("eval_loss"), "eval_accuracy": m.get("eval_accuracy"),
             "train_loss": m.get("train_loss"),

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from codebook.errors import ConfigError
+from codebook.schema import build, read_yaml
 
 
 @dataclass(frozen=True)
@@ -61,23 +61,13 @@ def load_features(path: str | Path | None, include_defaults: bool = True
     ignore_case}`` mappings (or a mapping ``name: regex``). Every regex is compiled here."""
     features = list(DEFAULT_FEATURES) if include_defaults else []
     if path is not None:
-        try:
-            data = yaml.safe_load(Path(path).read_text())
-        except (OSError, yaml.YAMLError) as err:
-            raise ConfigError("--features", f"cannot read {path}: {err}",
-                              "pass a YAML list of {name, regex} mappings") from err
+        data = read_yaml(path, "--features", "pass a YAML list of {name, regex} mappings")
         if isinstance(data, dict):
             data = [{"name": k, "regex": v} for k, v in data.items()]
         if not isinstance(data, list):
             raise ConfigError("--features", f"{path} holds {type(data).__name__}",
                               "write a YAML list of {name, regex, ignore_case} mappings")
-        for i, item in enumerate(data):
-            if not isinstance(item, dict) or set(item) - {"name", "regex", "ignore_case"} or \
-                    not {"name", "regex"} <= set(item):
-                raise ConfigError(f"--features[{i}]", f"got {item!r}",
-                                  "each entry needs name and regex (ignore_case optional)")
-            features.append(RegexFeature(str(item["name"]), str(item["regex"]),
-                                         bool(item.get("ignore_case", False))))
+        features += [build(RegexFeature, item, f"--features[{i}]") for i, item in enumerate(data)]
     names = [f.name for f in features]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:

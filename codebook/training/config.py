@@ -9,8 +9,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -20,6 +18,9 @@ import yaml
 from codebook.config import CodebookConfig
 from codebook.data.fsm import FSMConfig
 from codebook.errors import ConfigError
+from codebook.schema import build, flatten, read_yaml, set_dotted
+
+__all__ = ["TrainConfig", "build", "load_config"]
 
 
 @dataclass
@@ -56,7 +57,7 @@ class ModelSection:
 @dataclass
 class DataSection:
     source: Literal["fsm", "text", "parquet", "hf"] = "fsm"
-    fsm: dict[str, Any] = field(default_factory=dict)
+    fsm: FSMConfig = field(default_factory=FSMConfig)
     paths: list[str] = field(default_factory=list)
     # source "hf": what ``datasets.load_dataset`` takes: a hub name (e.g. wikitext), a local
     # folder of data files, or a builder ("parquet", "text", "json", "csv") with hf_data_files.
@@ -114,21 +115,13 @@ class MLflowSection:
 class TrainConfig:
     run: RunSection = field(default_factory=RunSection)
     model: ModelSection = field(default_factory=ModelSection)
-    codebook: dict[str, Any] = field(default_factory=dict)
+    codebook: CodebookConfig = field(default_factory=CodebookConfig)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     mlflow: MLflowSection = field(default_factory=MLflowSection)
 
     # ------------------------------------------------------------------ derived views
-    @property
-    def codebook_config(self) -> CodebookConfig:
-        return CodebookConfig.from_dict(self.codebook)
-
-    @property
-    def fsm_config(self) -> FSMConfig:
-        return FSMConfig(**self.data.fsm)
-
     @property
     def storage_path(self) -> Path:
         return Path(os.path.expanduser(self.run.storage_path)).resolve()
@@ -161,7 +154,7 @@ class TrainConfig:
 
     def flat_params(self) -> dict[str, str]:
         """The resolved config as flat ``section.key`` strings (MLflow params)."""
-        return {k: str(v) for k, v in _flatten(self.to_dict()).items()}
+        return {k: str(v) for k, v in flatten(self.to_dict(), keep=("from_config",)).items()}
 
     def resolve_paths(self, base: Path) -> TrainConfig:
         """Make every local path in the config absolute against ``base`` (the directory the
@@ -195,12 +188,6 @@ class TrainConfig:
     # ------------------------------------------------------------------ validation
     def validate(self) -> TrainConfig:
         """Cross-field checks that need no model or cluster; returns self."""
-        try:
-            self.codebook_config  # noqa: B018 - validates the codebook section
-        except ConfigError as err:
-            raise err
-        except TypeError as err:
-            raise ConfigError("codebook", str(err), "check the codebook section") from err
         r, o, d = self.run, self.optim, self.data
         if r.checkpoint_every < 0:
             raise ConfigError("run.checkpoint_every", f"got {r.checkpoint_every}",
@@ -229,12 +216,7 @@ class TrainConfig:
         if (self.model.name_or_path is None) == (self.model.from_config is None):
             raise ConfigError("model", "give exactly one of name_or_path and from_config",
                               "set model.name_or_path (hub name / folder) or model.from_config")
-        if d.source == "fsm":
-            try:
-                self.fsm_config  # noqa: B018 - validates the fsm section
-            except (TypeError, ValueError) as err:
-                raise ConfigError("data.fsm", str(err), "fix the FSM settings") from err
-        elif d.source in ("text", "parquet"):
+        if d.source in ("text", "parquet"):
             if not d.paths:
                 raise ConfigError("data.paths", f"source {d.source!r} needs files",
                                   "list files or folders in data.paths")
@@ -266,83 +248,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Read YAML (optional), apply ``key=value`` overrides, build and validate a TrainConfig."""
     data: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError("--config", f"{path} not found", "pass a YAML file from configs/")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = read_yaml(path, "--config", "pass a YAML file from configs/") or {}
         if not isinstance(data, dict):
             raise ConfigError(str(path), "top level is not a mapping", "write `section: {...}`")
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError("--set", f"{item!r} has no '='", "write --set section.key=value")
         key, raw = item.split("=", 1)
-        _set_dotted(data, key.strip(), yaml.safe_load(raw))
+        set_dotted(data, key.strip(), yaml.safe_load(raw))
     for key, value in flags.items():
         if value is not None:
-            _set_dotted(data, key, value)
+            set_dotted(data, key, value)
     return build(TrainConfig, data, "").resolve_paths(Path.cwd()).validate()
-
-
-def build(cls: type, data: Any, where: str) -> Any:
-    """Build dataclass ``cls`` from a mapping, checking keys and types recursively."""
-    if not isinstance(data, dict):
-        raise ConfigError(where or "config", f"expected a mapping, got {data!r}",
-                          "write key: value pairs")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - fields)
-    if unknown:
-        raise ConfigError(_join(where, unknown[0]), "unknown key", f"valid keys: {sorted(fields)}")
-    kwargs = {}
-    for name, value in data.items():
-        hint = hints[name]
-        path = _join(where, name)
-        if dataclasses.is_dataclass(hint):
-            kwargs[name] = build(hint, value, path)
-        else:
-            kwargs[name] = _check_type(value, hint, path)
-    return cls(**kwargs)
-
-
-def _check_type(value: Any, hint: Any, path: str) -> Any:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _check_type(value, arg, path)
-            except ConfigError as err:
-                errors.append(err)
-        raise errors[0]
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(path, f"got {value!r}", f"use one of {list(args)}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(path, f"expected a list, got {value!r}", "write [a, b, ...]")
-        return [_check_type(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(path, f"expected a mapping, got {value!r}", "write {key: value}")
-        return value
-    if hint is Any:
-        return value
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):  # YAML reads 3e-3 (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if hint in (int, float) and isinstance(value, bool):
-        raise ConfigError(path, f"expected {hint.__name__}, got {value!r}", "write a number")
-    if not isinstance(value, hint):
-        raise ConfigError(path, f"expected {hint.__name__}, got {type(value).__name__} {value!r}",
-                          f"write a {hint.__name__}")
-    return value
 
 
 def _only_local(value: str) -> bool:
@@ -351,26 +268,3 @@ def _only_local(value: str) -> bool:
             or os.sep != "/" and os.sep in value)
 
 
-def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
-    parts = key.split(".")
-    node = data
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(key, f"{part} is not a section", "check the dotted key")
-    node[parts[-1]] = value
-
-
-def _join(where: str, name: str) -> str:
-    return f"{where}.{name}" if where else name
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v and k != "from_config":
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out

@@ -55,7 +55,7 @@ def model_lr_lambda(cfg: TrainConfig):
     """The base model's multiplier: the schedule times ``model_lr_factor``, or times
     ``codebook_phase_model_lr_factor`` (when set) from ``codebook.start_step`` on."""
     o, schedule = cfg.optim, lr_lambda(cfg)
-    start = cfg.codebook_config.start_step
+    start = cfg.codebook.start_step
     after = o.model_lr_factor if o.codebook_phase_model_lr_factor is None \
         else o.codebook_phase_model_lr_factor
 
@@ -93,7 +93,7 @@ class TorchEngine:
         # recent inputs), which the loop reduces across ranks where it needs them.
         self.wrapped = nn.parallel.DistributedDataParallel(
             self.module, broadcast_buffers=False,
-            find_unused_parameters=cfg.codebook_config.start_step > 0,
+            find_unused_parameters=cfg.codebook.start_step > 0,
         ) if distributed else model
         self.micro = 0
         self.dtype = torch.float32

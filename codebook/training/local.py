@@ -57,7 +57,7 @@ def fsm_loop_data(cfg: TrainConfig, workers: Workers) -> LoopData:
     from codebook.data.fsm import TokFSM
     from codebook.data.sources import fsm_eval_batches, fsm_train_batches
 
-    fsm = TokFSM(cfg.fsm_config)
+    fsm = TokFSM(cfg.data.fsm)
     bs, n_eval = cfg.optim.batch_size, cfg.data.eval_blocks
     return LoopData(
         train=lambda start: fsm_train_batches(fsm, bs, cfg.run.seed, start, workers.rank,

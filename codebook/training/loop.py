@@ -77,12 +77,12 @@ def build_model(cfg: TrainConfig) -> CodebookModel:
             raise ConfigError("model.from_config.model_type", "missing",
                               "set model_type (gpt_neox, gpt2, gpt_neo, llama)")
         hf_config = AutoConfig.for_model(model_type, **spec)
-        model = CodebookModel(AutoModelForCausalLM.from_config(hf_config), cfg.codebook_config)
+        model = CodebookModel(AutoModelForCausalLM.from_config(hf_config), cfg.codebook)
     else:
         kwargs: dict[str, Any] = {"dtype": torch.float32}
         if m.gguf_file:
             kwargs["gguf_file"] = m.gguf_file
-        model = CodebookModel.from_pretrained(m.name_or_path, cfg.codebook_config, **kwargs)
+        model = CodebookModel.from_pretrained(m.name_or_path, cfg.codebook, **kwargs)
     if m.gradient_checkpointing:
         # Non-reentrant: the reentrant variant runs the block under no_grad, so the codebook
         # loss terms built inside it would carry no gradient.
@@ -95,7 +95,7 @@ def train(cfg: TrainConfig, data: LoopData, reporter: Reporter, workers: Workers
           resume_dir: Path | None = None, mlflow_run_id: str | None = None) -> dict[str, Any]:
     """Train to ``cfg.run.max_steps``; resume from ``resume_dir`` if given. Returns a summary."""
     model = build_model(cfg)
-    cb = cfg.codebook_config
+    cb = cfg.codebook
     engine = make_engine(model, cfg, workers.device)
     state = TrainState(mlflow_run_id=mlflow_run_id)
     if resume_dir is not None:
@@ -301,7 +301,7 @@ def kmeans_init(model: CodebookModel, batches: list[Batch], engine, cfg: TrainCo
                 if workers.rank == 0:
                     original = codes.clone()
                     layer.kmeans_init_(rec.activations[name].reshape(-1, layer.dim).float(),
-                                       cfg.codebook_config.kmeans_iters, gen)
+                                       cfg.codebook.kmeans_iters, gen)
                     codes = layer.codes.detach().clone()
                     layer.codes.data.copy_(original)
                 if workers.world_size > 1:
@@ -327,7 +327,7 @@ def sync_code_ages(model: CodebookModel, workers: Workers) -> None:
 def replace_dead_codes(model: CodebookModel, engine, cfg: TrainConfig,
                        workers: Workers) -> torch.Tensor:
     """Re-seed dead codes identically on every rank; returns how many (rank 0, on device)."""
-    cb = cfg.codebook_config
+    cb = cfg.codebook
     total = torch.zeros((), dtype=torch.long, device=workers.device)
     for layer in model.codebooks.values():
         distributed = workers.world_size > 1
