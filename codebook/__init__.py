@@ -6,10 +6,10 @@ from codebook.interventions import (
     CodeRecord,
     disable_codes,
     force_codes,
+    force_codes_at_sites,
     patch_codes,
     read_codes,
     recording,
-    steering,
 )
 from codebook.layer import CodebookLayer
 from codebook.model import CodebookModel, CodebookOutput
@@ -30,5 +30,5 @@ __all__ = [
     "read_codes",
     "recording",
     "resolve_sites",
-    "steering",
+    "force_codes_at_sites",
 ]

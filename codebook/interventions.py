@@ -193,9 +193,9 @@ def patch_codes(model: CodebookModel, site: str, source: CodeRecord | torch.Tens
 
 
 @contextmanager
-def steering(model: CodebookModel,
-             codes_by_site: dict[str, Sequence[int] | dict[int, Sequence[int]]],
-             mode: ForceMode = "add") -> Iterator[None]:
+def force_codes_at_sites(model: CodebookModel,
+                         codes_by_site: dict[str, Sequence[int] | dict[int, Sequence[int]]],
+                         mode: ForceMode = "add") -> Iterator[None]:
     """Force codes on at several sites at every position (topic steering during generation)."""
     with ExitStack() as stack:
         for site, codes in codes_by_site.items():

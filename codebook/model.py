@@ -120,7 +120,8 @@ class CodebookModel(nn.Module):
         for layer in self.codebooks.values():
             layer.last_losses = None
         out = self.model(input_ids=input_ids, labels=labels, **kwargs)
-        terms = [cb.last_losses for cb in self.codebooks.values() if cb.last_losses is not None]
+        terms = [layer.last_losses for layer in self.codebooks.values()
+                 if layer.last_losses is not None]
         zero = out.logits.new_zeros(())
         recon = torch.stack([t.recon for t in terms]).sum() if terms else zero
         commit = torch.stack([t.commit for t in terms]).sum() if terms else zero
@@ -140,20 +141,20 @@ class CodebookModel(nn.Module):
     @contextmanager
     def codebooks_disabled(self) -> Iterator[None]:
         """Run the plain model: every codebook passes its input through unchanged."""
-        before = {n: cb.enabled for n, cb in self.codebooks.items()}
-        for cb in self.codebooks.values():
-            cb.enabled = False
+        before = {n: layer.enabled for n, layer in self.codebooks.items()}
+        for layer in self.codebooks.values():
+            layer.enabled = False
         try:
             yield
         finally:
-            for n, cb in self.codebooks.items():
-                cb.enabled = before[n]
+            for n, layer in self.codebooks.items():
+                layer.enabled = before[n]
 
     def set_step(self, step: int) -> None:
         """Apply the k schedule for optimizer step ``step`` (host-side; no device sync)."""
         k = self.codebook_config.k_at(step)
-        for cb in self.codebooks.values():
-            cb.k = k
+        for layer in self.codebooks.values():
+            layer.k = k
 
     @property
     def k_in_force(self) -> int:
@@ -176,8 +177,8 @@ class CodebookModel(nn.Module):
         """Per-site metrics ``<site>/<metric>`` plus their means ``codebook/<metric>``."""
         result: dict[str, float] = {}
         sums: dict[str, float] = {}
-        for name, cb in self.codebooks.items():
-            for key, value in cb.metrics(reset).items():
+        for name, layer in self.codebooks.items():
+            for key, value in layer.metrics(reset).items():
                 result[f"{name}/{key}"] = value
                 sums[key] = sums.get(key, 0.0) + value
         for key, value in sums.items():

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from codebook.errors import ConfigError
-from codebook.interventions import ForceMode, steering
+from codebook.interventions import ForceMode, force_codes_at_sites
 from codebook.model import CodebookModel
 
 
@@ -194,7 +194,7 @@ def steered(model: CodebookModel, codes: Sequence[dict[str, Any]],
     """Force ``codes`` (dicts with site, group, code) on at every position: added to the
     chosen codes (``add``), as the only codes of their groups (``replace``), or in place of
     their groups' lowest-ranked codes (``overwrite``, at most k per group)."""
-    with steering(model, codes_by_site(codes), mode=mode):
+    with force_codes_at_sites(model, codes_by_site(codes), mode=mode):
         yield
 
 

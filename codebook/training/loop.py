@@ -95,7 +95,7 @@ def train(cfg: TrainConfig, data: LoopData, reporter: Reporter, workers: Workers
           resume_dir: Path | None = None, mlflow_run_id: str | None = None) -> dict[str, Any]:
     """Train to ``cfg.run.max_steps``; resume from ``resume_dir`` if given. Returns a summary."""
     model = build_model(cfg)
-    cb = cfg.codebook
+    settings = cfg.codebook
     engine = make_engine(model, cfg, workers.device)
     state = TrainState(mlflow_run_id=mlflow_run_id)
     if resume_dir is not None:
@@ -119,8 +119,8 @@ def train(cfg: TrainConfig, data: LoopData, reporter: Reporter, workers: Workers
         # Randomness (dead-code seeds, sampled recent inputs, dropout) depends on the step and
         # rank alone, so a resumed run draws what an uninterrupted one would.
         torch.manual_seed(cfg.run.seed * 1_000_003 + state.step * 1009 + workers.rank)
-        if state.step == cb.start_step and cb.kmeans_init_batches:
-            init = [next(batches) for _ in range(cb.kmeans_init_batches)]
+        if state.step == settings.start_step and settings.kmeans_init_batches:
+            init = [next(batches) for _ in range(settings.kmeans_init_batches)]
             state.micro_batches += len(init)
             seconds = kmeans_init(model, init, engine, cfg, workers)
             if workers.rank == 0:
@@ -128,7 +128,7 @@ def train(cfg: TrainConfig, data: LoopData, reporter: Reporter, workers: Workers
                 print(f"step {state.step}: codebooks initialised by k-means "
                       f"({len(init)} batches, {seconds:.1f}s)", flush=True)
         for layer in model.codebooks.values():
-            layer.enabled = state.step >= cb.start_step
+            layer.enabled = state.step >= settings.start_step
         step_finite = torch.ones((), dtype=torch.bool, device=workers.device)
         for _ in range(accum):
             batch = _to_device(next(batches), workers.device)
@@ -146,7 +146,7 @@ def train(cfg: TrainConfig, data: LoopData, reporter: Reporter, workers: Workers
         state.step += 1
         window_steps += 1
         model.set_step(state.step)
-        if cb.dead_code_steps and state.step % cb.dead_code_steps == 0:
+        if settings.dead_code_steps and state.step % settings.dead_code_steps == 0:
             replaced += replace_dead_codes(model, engine, cfg, workers)
         is_last = state.step == cfg.run.max_steps
         logs = state.step % cfg.run.log_every == 0 or is_last or state.step == 1
@@ -164,7 +164,7 @@ def train(cfg: TrainConfig, data: LoopData, reporter: Reporter, workers: Workers
                             for i, g in enumerate(engine.optimizer.param_groups)})
             metrics.update({f"train/{k}": v for k, v in model.metrics(reset=True).items()})
             metrics["train/nonfinite_steps"] = float(streak)
-            if cb.dead_code_steps:
+            if settings.dead_code_steps:
                 metrics["train/codebook/replaced_codes"] = float(replaced.item())
                 replaced.zero_()
             done = state.step - start_step
@@ -327,7 +327,7 @@ def sync_code_ages(model: CodebookModel, workers: Workers) -> None:
 def replace_dead_codes(model: CodebookModel, engine, cfg: TrainConfig,
                        workers: Workers) -> torch.Tensor:
     """Re-seed dead codes identically on every rank; returns how many (rank 0, on device)."""
-    cb = cfg.codebook
+    settings = cfg.codebook
     total = torch.zeros((), dtype=torch.long, device=workers.device)
     for layer in model.codebooks.values():
         distributed = workers.world_size > 1
@@ -337,7 +337,7 @@ def replace_dead_codes(model: CodebookModel, engine, cfg: TrainConfig,
             codes = layer.codes.detach().clone()
             if workers.rank == 0:
                 original = layer.codes.detach().clone()
-                dead = layer.replace_dead_codes(cb.dead_code_steps, cb.dead_code_noise)
+                dead = layer.replace_dead_codes(settings.dead_code_steps, settings.dead_code_noise)
                 codes = layer.codes.detach().clone()
                 layer.codes.data.copy_(original)
                 total += dead.sum()
