@@ -3,8 +3,9 @@
 Same model, same documents, same work per shard in both: read the documents, tokenise them into
 windows, run the codebook model, build the token table and write the shard (Parquet, atomic).
 The plain loop does it shard after shard in this process (``torch.set_num_threads(threads)``);
-the pipeline is ``pipelines/extract.py``'s ``run_extraction`` on a fresh local Ray cluster, its
-model actors splitting the same threads (1 actor: all of them, 2 actors: half each).
+the pipeline is ``codebook.ray_glue.extract.run_extraction`` (what ``pipelines/extract.py``
+runs) on a fresh local Ray cluster, its model actors splitting the same threads (1 actor: all of
+them, 2 actors: half each).
 
 Throughput is the steady state: tokens of the shards after the first, over the time between the
 first and the last finished shard (start-up, actor creation and model loading excluded; they are
@@ -36,6 +37,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+
+from codebook.ray_glue.extract import (  # noqa: E402
+    ExtractOptions,
+    prepare,
+    run_extraction,
+    steady_rate,
+)
+from codebook.ray_glue.session import ray_session  # noqa: E402
 
 
 def make_setup(root: Path, docs: int, quick: bool) -> Path:
@@ -71,39 +80,31 @@ def make_setup(root: Path, docs: int, quick: bool) -> Path:
     return corpus
 
 
-def plain_loop(args_ns, threads: int) -> dict:
+def plain_loop(opts: ExtractOptions, threads: int) -> dict:
     """The same shards in one process, one after another."""
     from codebook.data.text import load_tokenizer
-    from codebook.extraction import extract_to_store, load_extraction_model, shard_windows
-    from pipelines.extract import prepare, steady_rate
+    from codebook.extraction import extract_shards
+    from codebook.resolve import load_extraction_model
 
     torch.set_num_threads(threads)
-    store, model_path, pending = prepare(args_ns)
+    store, model_path, pending = prepare(opts)
     meta = store.meta
     model = load_extraction_model(model_path)
     tokenizer = load_tokenizer(meta.tokenizer)
     t0 = time.perf_counter()
     finished = []
-    for shard in pending:
-        windows = shard_windows(meta.source, shard, tokenizer, meta.block_size)
-        tokens = extract_to_store(model, store, shard["shard"], windows, args_ns.batch_size)
+    for _, tokens in extract_shards(model, store, pending, tokenizer, opts.batch_size,
+                                    progress=False):
         finished.append((time.perf_counter() - t0, tokens))
     return {"tokens_per_s": steady_rate(finished), "first_shard_s": round(finished[0][0], 2),
             "store": store}
 
 
-def ray_run(args_ns, workers: int, threads: int) -> dict:
-    import ray
-
-    from pipelines.extract import prepare, run_extraction
-
-    args_ns.num_workers, args_ns.threads = workers, max(1, threads // workers)
-    store, model_path, pending = prepare(args_ns)
-    ray.init(num_cpus=threads, include_dashboard=False)
-    try:
-        summary = run_extraction(store, model_path, pending, args_ns)
-    finally:
-        ray.shutdown()
+def ray_run(opts: ExtractOptions, workers: int, threads: int) -> dict:
+    opts.num_workers, opts.threads = workers, max(1, threads // workers)
+    store, model_path, pending = prepare(opts)
+    with ray_session(address="local", num_cpus=threads, include_dashboard=False):
+        summary = run_extraction(store, model_path, pending, opts)
     return {"tokens_per_s": summary["steady_tokens_per_s"],
             "first_shard_s": summary["shard_finish"][0][0]}
 
@@ -118,17 +119,14 @@ def main() -> None:
     if opts.quick:
         opts.docs, opts.docs_per_shard = 12, 3
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    from pipelines.extract import parse_args
-
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         corpus = make_setup(root, opts.docs, opts.quick)
 
-        def cli(out: str):
-            return parse_args(["--model", str(root / "model"), "--source", "text", "--paths",
-                               str(corpus), "--out", str(root / out), "--block-size", "512",
-                               "--docs-per-shard", str(opts.docs_per_shard),
-                               "--batch-size", "4"])
+        def cli(out: str) -> ExtractOptions:
+            return ExtractOptions(model=str(root / "model"), out=str(root / out),
+                                  source="text", paths=[str(corpus)], block_size=512,
+                                  docs_per_shard=opts.docs_per_shard, batch_size=4)
 
         plain = plain_loop(cli("plain"), opts.threads)
         one = ray_run(cli("ray1"), 1, opts.threads)

@@ -23,7 +23,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.launch import block_batches  # noqa: E402
+from codebook.ray_glue.data import block_batches  # noqa: E402
+from codebook.ray_glue.session import ray_session  # noqa: E402
 
 
 def epoch_rate(ds, batch_size: int, buffer: int, n_batches: int) -> float:
@@ -42,11 +43,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--buffer", type=int, default=16384)
     args = p.parse_args(argv)
-    import ray
     import ray.data
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
+    with ray_session(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False):
         rng = np.random.default_rng(0)
         blocks = rng.integers(0, 8192, (args.blocks, args.block_size), dtype=np.int32)
         ds = ray.data.from_numpy(blocks).rename_columns({"data": "input_ids"}).materialize()
@@ -54,8 +53,6 @@ def main(argv: list[str] | None = None) -> None:
         epoch_rate(ds, args.batch_size, 0, min(n, 50))  # warm-up
         ordered = epoch_rate(ds, args.batch_size, 0, n)
         shuffled = epoch_rate(ds, args.batch_size, args.buffer, n)
-    finally:
-        ray.shutdown()
     print(json.dumps({"blocks": args.blocks, "block_size": args.block_size,
                       "buffer": args.buffer, "ordered_blocks_per_s": round(ordered, 1),
                       "shuffled_blocks_per_s": round(shuffled, 1),

@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from codebook.data.text import load_tokenizer  # noqa: E402
-from codebook.extraction import load_extraction_model, resolve_model  # noqa: E402
+from codebook.resolve import load_extraction_model, resolve_model  # noqa: E402
 from codebook.steering import (  # noqa: E402
     count_codes,
     find_codes_by_effect,

@@ -1,34 +1,38 @@
-"""What Ray Train + DeepSpeed add to a training step, against a plain PyTorch loop.
+"""What Ray Train + DeepSpeed add to a training step, against the same loop run plainly.
 
-Runs the real pipeline, ``pipelines.launch.fit`` (one Ray Train worker, DeepSpeed ZeRO-0, fp32,
-on CPU) on a fresh local Ray cluster, and in the same process a plain single-process PyTorch loop
-on the same model (``build_model``), optimizer and parameter groups (``make_optimizer``), the
-same TokFSM batches and the same gradient clipping: forward, backward, clip, AdamW step. No Ray,
-no DeepSpeed. Prints ONE JSON line on stdout:
+Both sides run the one training loop, ``codebook.training.loop.train``, on the same model,
+optimizer and parameter groups, the same TokFSM batches and the same gradient clipping:
+
+* plain: ``codebook.training.local.train_local`` in this process: no Ray, no DeepSpeed (the
+  plain PyTorch engine), metrics to ``metrics.jsonl``;
+* Ray: the real pipeline, ``codebook.ray_glue.train.fit`` (one Ray Train worker, DeepSpeed
+  ZeRO-0, fp32, on CPU) on a fresh local Ray cluster, metrics to MLflow.
+
+Prints ONE JSON line on stdout:
 
 * ``plain_step_ms`` / ``ray_deepspeed_step_ms``: steady-state step time, the median over log
-  windows after warm-up of the window's mean step time. The loop logs ``tokens_per_s`` to MLflow
-  every ``run.log_every`` (= ``--window``) steps; a window's step time is
-  ``tokens_per_step / tokens_per_s``. The plain loop is timed over the same windows, and like the
-  loop it keeps the per-window host-side bookkeeping (metrics read-out) out of the timing.
-  Windows that start before ``--warmup`` steps (default: one window) are dropped;
+  windows after warm-up of the window's mean step time. The loop logs ``tokens_per_s`` every
+  ``run.log_every`` (= ``--window``) steps, with eval and checkpoints kept out; a window's step
+  time is ``tokens_per_step / tokens_per_s``. Windows that start before ``--warmup`` steps
+  (default: one window) are dropped;
 * ``ratio`` = ``ray_deepspeed_step_ms / plain_step_ms``;
 * ``startup_s`` = wall time of ``fit()`` minus ``steps * ray_deepspeed_step_ms``: Ray Train
   controller and worker start-up, process group, DeepSpeed initialisation, the first steps'
   warm-up beyond the steady state, plus the final eval, checkpoint and tear-down (eval and
   checkpoint run only at the last step, after the last timed window);
 * ``steps``, ``tokens_per_step`` (``batch_size * seq_len * grad_accum * world``), ``device``,
-  ``threads`` (torch threads of the plain loop) and ``worker_threads`` (``torch.get_num_threads()``
-  inside the Ray Train worker's training thread, read back through MLflow), and some extras:
-  ``timed_steps``, ``window``, ``ray_init_s``, ``fit_wall_s``, ``plain_setup_s`` and the per-window
-  step times of both loops (``*_windows_ms``), to judge the noise.
+  ``threads`` (torch threads of the plain run) and ``worker_threads`` (``torch.get_num_threads()``
+  in the Ray Train worker's training thread, which the worker logs to MLflow as
+  ``system/torch_threads``), and some extras: ``timed_steps``, ``window``, ``ray_init_s``,
+  ``fit_wall_s``, ``plain_wall_s``, ``plain_startup_s`` (as ``startup_s``, for the plain run)
+  and the per-window step times of both (``*_windows_ms``), to judge the noise.
 
-Both loops use the same number of threads: the worker gets ``run.cpus_per_worker = threads`` and
-``OMP_NUM_THREADS = threads`` (job runtime env), the plain loop ``torch.set_num_threads(threads)``.
-The local Ray cluster starts without the dashboard; ``ray.init`` time is reported apart
+Both sides use the same number of threads: the worker gets ``run.cpus_per_worker = threads`` and
+``OMP_NUM_THREADS = threads`` (job runtime env), the plain run ``torch.set_num_threads(threads)``.
+The local Ray cluster starts without the dashboard; its start-up time is reported apart
 (``ray_init_s``) and not part of ``startup_s``. ``load_avg_1m`` gives the 1-minute load average
 before and after: with more busy threads than cores, a multi-threaded step waits on the scheduler
-at every OpenMP parallel region (on a 2-core box at load ~7.5 the plain quick-mode step took
+at every OpenMP parallel region (on a 2-core box at load ~7.5 a plain quick-mode step took
 25-40 ms with 1 thread and 770-960 ms with 2), so measure on a quiet machine or pass
 ``--threads 1`` on a shared one.
 
@@ -45,13 +49,13 @@ measurement.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +68,7 @@ from codebook.training.config import TrainConfig, load_config  # noqa: E402
 
 DEFAULT_CONFIG = REPO / "configs" / "fsm.yaml"
 RUN_NAME = "train-overhead"
-WORKER_THREADS_KEY = "bench/worker_threads"
+PLAIN_RUN_NAME = "train-overhead-plain"
 
 QUICK_OVERRIDES = {
     "model.from_config.hidden_size": 32,
@@ -90,7 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None,
                    help="steps dropped as warm-up (default: one window)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch threads in both loops (default: the CPUs available to this "
+                   help="torch threads on both sides (default: the CPUs available to this "
                         "process; 1 with --quick)")
     p.add_argument("--quick", action="store_true", help="small model, few steps (smoke test)")
     p.add_argument("--verbose", action="store_true", help="forward Ray worker output")
@@ -104,8 +108,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def make_config(args: argparse.Namespace, storage: Path) -> TrainConfig:
-    bench = {  # the measured setting: one worker, ZeRO-0, fp32, CPU, no eval/checkpoint inside
+def make_config(args: argparse.Namespace, storage: Path, plain: bool = False) -> TrainConfig:
+    """The measured setting; ``plain``: the same without DeepSpeed, in its own run folder."""
+    bench = {  # one worker, ZeRO-0, fp32, CPU, no eval/checkpoint inside the timed windows
         "run.num_workers": 1,
         "run.use_gpu": False,
         "run.cpus_per_worker": float(args.threads),
@@ -120,138 +125,64 @@ def make_config(args: argparse.Namespace, storage: Path) -> TrainConfig:
         "codebook.start_step": 0,  # codebooks on for every timed step
     }
     forced = {
-        "run.name": RUN_NAME,
+        "run.name": PLAIN_RUN_NAME if plain else RUN_NAME,
         "run.storage_path": str(storage),
         "run.max_steps": args.steps,
         "mlflow.tracking_uri": f"sqlite:///{storage / 'mlflow.db'}",
+        **({"deepspeed.enabled": False} if plain else {}),
     }
     sets = [f"{k}={v}" for k, v in {**(QUICK_OVERRIDES if args.quick else {}), **bench}.items()]
     sets += list(args.set) + [f"{k}={v}" for k, v in forced.items()]
     cfg = load_config(args.config, sets)
     if cfg.data.source != "fsm":
-        sys.exit("train_overhead: only data.source=fsm is supported (the plain loop needs no Ray)")
+        sys.exit("train_overhead: only data.source=fsm is supported (the plain run needs no Ray)")
     for key in ("eval_every", "checkpoint_every"):
-        if getattr(cfg.run, key) < cfg.run.max_steps:
+        if not plain and getattr(cfg.run, key) < cfg.run.max_steps:
             print(f"warning: run.{key}={getattr(cfg.run, key)} < max_steps: its time falls "
-                  "into the timed windows of the Ray loop", file=sys.stderr)
+                  "into the timed windows", file=sys.stderr)
     return cfg
 
 
-# ---------------------------------------------------------------------- plain PyTorch loop
-class _NoShardEngine:
-    """The two engine methods ``kmeans_init`` / ``replace_dead_codes`` use, for plain params."""
-
-    @contextmanager
-    def full_params(self, params, modifier_rank=None):
-        yield
-
-    def set_param(self, param: torch.nn.Parameter, value: torch.Tensor) -> None:
-        with torch.no_grad():
-            param.copy_(value)
+def windows(rates: list[tuple[int, float]]) -> list[tuple[int, int, float]]:
+    """``(last_step, steps_in_window, tokens_per_s)`` per log window, from the logged rates."""
+    out, prev = [], 0
+    for step, tokens_per_s in sorted(rates):
+        out.append((step, step - prev, tokens_per_s))
+        prev = step
+    return out
 
 
-def plain_loop(cfg: TrainConfig, threads: int) -> dict[str, Any]:
-    """The same steps as ``codebook.training.loop.train`` does them, with no Ray or DeepSpeed.
-
-    Returns the windows ``(last_step, steps_in_window, seconds)`` and the tokens per step.
-    """
-    from codebook.data.fsm import TokFSM
-    from codebook.data.sources import fsm_train_batches
-    from codebook.training.engine import make_optimizer
-    from codebook.training.loop import Workers, build_model, kmeans_init, replace_dead_codes
+# ---------------------------------------------------------------------- the two runs
+def plain_run(cfg: TrainConfig, threads: int) -> dict[str, Any]:
+    """The loop in this process (``train_local``): no Ray, no DeepSpeed."""
+    from codebook.training.local import FolderReporter, fsm_loop_data, train_local
+    from codebook.training.loop import Workers
 
     torch.set_num_threads(threads)
-    t_setup = time.perf_counter()
-    model = build_model(cfg)
-    optimizer, scheduler = make_optimizer(model, cfg)
-    model.train()
-    model.set_step(0)
-    cb, accum, clip = cfg.codebook, cfg.optim.grad_accum, cfg.optim.grad_clip
-    params = list(model.parameters())
-    engine, workers = _NoShardEngine(), Workers()
-    batches = fsm_train_batches(TokFSM(cfg.data.fsm), cfg.optim.batch_size, cfg.run.seed, 0,
-                                0, 1, cfg.data.eval_blocks)
-    setup_s = time.perf_counter() - t_setup
-    loss_sum = torch.zeros(3)
-    windows: list[tuple[int, int, float]] = []
-    tokens_per_step = 0
-    step, window_steps, t0 = 0, 0, time.perf_counter()
-    while step < cfg.run.max_steps:
-        if step == cb.start_step and cb.kmeans_init_batches:
-            kmeans_init(model, [next(batches) for _ in range(cb.kmeans_init_batches)], engine,
-                        cfg, workers)
-        for layer in model.codebooks.values():
-            layer.enabled = step >= cb.start_step
-        step_tokens = 0
-        for _ in range(accum):
-            ids = next(batches)["input_ids"]
-            out = model(input_ids=ids, labels=ids)
-            (out.loss / accum).backward()
-            loss_sum += torch.stack([out.loss, out.lm_loss, out.recon_loss]).detach().float()
-            step_tokens += ids.numel()
-        if clip:
-            torch.nn.utils.clip_grad_norm_(params, clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        tokens_per_step = step_tokens
-        step += 1
-        window_steps += 1
-        model.set_step(step)
-        if cb.dead_code_steps and step % cb.dead_code_steps == 0:
-            replace_dead_codes(model, engine, cfg, workers)
-        if step % cfg.run.log_every == 0 or step == cfg.run.max_steps or step == 1:
-            windows.append((step, window_steps, time.perf_counter() - t0))
-            loss_sum.tolist()  # the loop's per-window read-outs, outside the timing as there
-            model.metrics(reset=True)
-            loss_sum.zero_()
-            window_steps, t0 = 0, time.perf_counter()
-    return {"windows": windows, "tokens_per_step": tokens_per_step, "setup_s": setup_s,
+    reporter = FolderReporter(cfg.run_dir)
+    with contextlib.redirect_stdout(sys.stderr):  # the loop's progress lines; stdout: the JSON
+        summary = train_local(cfg, fsm_loop_data(cfg, Workers()), "cpu", reporter)
+    rates = [(row["step"], row["tokens_per_s"]) for row in reporter.history
+             if "tokens_per_s" in row]
+    return {"windows": windows(rates), "wall_s": summary["wall_s"], "steps": summary["steps"],
+            "tokens_per_step": summary["tokens"] // summary["steps"],
             "threads": torch.get_num_threads()}
 
 
-# ---------------------------------------------------------------------- Ray Train + DeepSpeed
-def _probe_worker_loop(config: dict[str, Any]) -> None:
-    """``worker_loop`` plus one MLflow metric: torch threads in the worker's training thread.
-
-    Defined in the script (pickled by value) and calling the real ``worker_loop``, which the
-    worker imports unpatched.
-    """
-    import ray.train
-    import torch
-
-    from codebook.tracking import MLflowLogger
-    from pipelines import launch
-
-    if ray.train.get_context().get_world_rank() == 0 and config.get("mlflow_run_id"):
-        MLflowLogger(config["tracking_uri"], config["mlflow_run_id"]).log(
-            0, {WORKER_THREADS_KEY: float(torch.get_num_threads())})
-    launch.worker_loop(config)
-
-
-def ray_loop(cfg: TrainConfig) -> dict[str, Any]:
+def ray_run(cfg: TrainConfig) -> dict[str, Any]:
     """``fit(cfg)`` on the running Ray cluster; windows from the MLflow ``tokens_per_s``."""
     from mlflow.tracking import MlflowClient
 
-    from pipelines import launch
+    from codebook.ray_glue.train import TORCH_THREADS_METRIC, fit
 
-    original = launch.worker_loop
-    launch.worker_loop = _probe_worker_loop
-    try:
-        t0 = time.perf_counter()
-        summary = launch.fit(cfg)
-        wall = time.perf_counter() - t0
-    finally:
-        launch.worker_loop = original
+    t0 = time.perf_counter()
+    summary = fit(cfg)
+    wall = time.perf_counter() - t0
     client = MlflowClient(cfg.tracking_uri())
     run_id = summary["mlflow_run_id"]
-    rates = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "tokens_per_s"))
-    threads = client.get_metric_history(run_id, WORKER_THREADS_KEY)
-    windows, prev = [], 0
-    for step, tokens_per_s in rates:
-        windows.append((step, step - prev, tokens_per_s))
-        prev = step
-    return {"windows": windows, "fit_wall_s": wall, "steps": summary["steps"],
+    rates = [(m.step, m.value) for m in client.get_metric_history(run_id, "tokens_per_s")]
+    threads = client.get_metric_history(run_id, TORCH_THREADS_METRIC)
+    return {"windows": windows(rates), "fit_wall_s": wall, "steps": summary["steps"],
             "worker_threads": int(threads[-1].value) if threads else -1}
 
 
@@ -261,25 +192,21 @@ def _median_ms(values_ms: list[float]) -> float:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray
+    from codebook.ray_glue.session import ray_session
 
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="train-overhead-") as tmp:
+        plain = plain_run(make_config(args, Path(tmp), plain=True), args.threads)
         cfg = make_config(args, Path(tmp))
-        plain = plain_loop(cfg, args.threads)
-        seq_tokens = plain["tokens_per_step"]  # batch_size * seq_len * grad_accum, one process
-        tokens_per_step = seq_tokens * cfg.run.num_workers
-        plain_ms = [s / n * 1e3 for step, n, s in plain["windows"] if step - n >= args.warmup]
-        try:
-            t0 = time.perf_counter()
-            ray.init(address="local", num_cpus=max(args.threads, os.cpu_count() or 1),
-                     include_dashboard=False, log_to_driver=args.verbose,
-                     runtime_env={"env_vars": {"OMP_NUM_THREADS": str(args.threads)}})
+        tokens_per_step = plain["tokens_per_step"] * cfg.run.num_workers
+        t0 = time.perf_counter()
+        with ray_session(address="local", num_cpus=max(args.threads, os.cpu_count() or 1),
+                         include_dashboard=False, log_to_driver=args.verbose,
+                         runtime_env={"env_vars": {"OMP_NUM_THREADS": str(args.threads)}}):
             ray_init_s = time.perf_counter() - t0
-            rayrun = ray_loop(cfg)
-        finally:
-            ray.shutdown()
+            rayrun = ray_run(cfg)
+    plain_ms = [plain["tokens_per_step"] / tps * 1e3 for step, n, tps in plain["windows"]
+                if step - n >= args.warmup]
     ray_ms = [tokens_per_step / tps * 1e3 for step, n, tps in rayrun["windows"]
               if step - n >= args.warmup]
     plain_step, ray_step = _median_ms(plain_ms), _median_ms(ray_ms)
@@ -297,14 +224,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "window": args.window,
         "ray_init_s": round(ray_init_s, 2),
         "fit_wall_s": round(rayrun["fit_wall_s"], 2),
-        "plain_setup_s": round(plain["setup_s"], 2),
+        "plain_wall_s": round(plain["wall_s"], 2),
+        "plain_startup_s": round(plain["wall_s"] - plain["steps"] * plain_step / 1e3, 2),
         "load_avg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "plain_windows_ms": [round(v, 2) for v in plain_ms],
         "ray_deepspeed_windows_ms": [round(v, 2) for v in ray_ms],
     }
     if result["worker_threads"] != result["threads"]:
         print(f"warning: {result['worker_threads']} torch threads in the Ray worker, "
-              f"{result['threads']} in the plain loop", file=sys.stderr)
+              f"{result['threads']} in the plain run", file=sys.stderr)
     print(json.dumps(result), flush=True)
     return result
 

@@ -1,6 +1,6 @@
 """codebook: sparse, discrete codebook features for Hugging Face causal language models."""
 
-from codebook.config import CodebookConfig
+from codebook.config import CodebookConfig, SitePattern
 from codebook.errors import ConfigError
 from codebook.interventions import (
     CodeRecord,
@@ -13,10 +13,11 @@ from codebook.interventions import (
 )
 from codebook.layer import CodebookLayer
 from codebook.model import CodebookModel, CodebookOutput
-from codebook.sites import FAMILIES, Site, resolve_sites
+from codebook.sites import FAMILIES, PRESETS, Site, resolve_sites
 
 __all__ = [
     "FAMILIES",
+    "PRESETS",
     "CodeRecord",
     "CodebookConfig",
     "CodebookLayer",
@@ -24,6 +25,7 @@ __all__ = [
     "CodebookOutput",
     "ConfigError",
     "Site",
+    "SitePattern",
     "disable_codes",
     "force_codes",
     "patch_codes",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -11,11 +12,59 @@ from typing import Any, Literal
 from codebook.errors import ConfigError
 
 SITE_KINDS = ("attn_heads", "attn", "mlp", "mlp_hidden", "block")
+# Named widths a site pattern can use (anything else is an integer or a model-config attribute).
+SITE_WIDTHS = ("hidden", "heads", "intermediate")
 SCORES = ("dot", "cosine", "euclidean")
 COMBINES = ("sum", "mean")
 
 Score = Literal["dot", "cosine", "euclidean"]
 Combine = Literal["sum", "mean"]
+Hook = Literal["pre", "post"]
+_KIND_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+
+
+@dataclass(frozen=True)
+class SitePattern:
+    """Where one site kind lives in every decoder layer, by module name, and how wide it is.
+
+    module: a name from ``model.named_modules()`` with one ``*`` standing for the layer index,
+    e.g. ``model.layers.*.mlp``. hook: ``pre`` replaces the module's (first) input, ``post`` its
+    output. width: ``hidden`` (hidden_size), ``heads`` (number of heads x head_dim, head_dim from
+    the model config when it has one), ``intermediate`` (MLP width), an integer, or the name of
+    an integer attribute of the model config (its text_config on a multimodal model).
+    per_head: one codebook per attention head instead of ``codebook.groups``. order: where a
+    layer's forward pass reaches the site (built-in kinds: attn_heads 0, attn 0.5, mlp_hidden 1,
+    mlp 2, block 3; other kinds default to 4); k-means initialisation fits sites in this order.
+    """
+
+    module: str
+    hook: Hook = "post"
+    width: int | str = "hidden"
+    per_head: bool = False
+    order: float | None = None
+
+    def validate(self, where: str) -> None:
+        """Check the pattern alone (no model needed); raise ConfigError on the first fault."""
+        parts = self.module.split(".") if isinstance(self.module, str) else []
+        if parts.count("*") != 1 or self.module.count("*") != 1 or not all(parts):
+            raise ConfigError(
+                f"{where}.module", f"got {self.module!r}",
+                "give a dotted module name with one '*' segment for the layer index, "
+                "e.g. 'model.layers.*.mlp'")
+        if self.hook not in ("pre", "post"):
+            raise ConfigError(f"{where}.hook", f"got {self.hook!r}",
+                              "use 'pre' (replace the input) or 'post' (replace the output)")
+        w = self.width
+        if isinstance(w, bool) or not isinstance(w, int | str) or (
+                isinstance(w, int) and w <= 0) or (isinstance(w, str) and not w.isidentifier()):
+            raise ConfigError(
+                f"{where}.width", f"got {w!r}",
+                f"use one of {SITE_WIDTHS}, a positive integer or a model-config attribute name")
+        if not isinstance(self.per_head, bool):
+            raise ConfigError(f"{where}.per_head", f"got {self.per_head!r}", "use true or false")
+        if self.order is not None and (
+                isinstance(self.order, bool) or not isinstance(self.order, int | float)):
+            raise ConfigError(f"{where}.order", f"got {self.order!r}", "use a number or null")
 
 
 @dataclass
@@ -25,9 +74,15 @@ class CodebookConfig:
     sites: any of ``attn_heads`` (per-head attention output before the output projection, one
     codebook per head: the paper's main site), ``attn`` (attention output), ``mlp`` (MLP output),
     ``mlp_hidden`` (input of the MLP down projection), ``block`` (transformer block output).
+    ``attn`` and ``mlp`` are what the sublayer adds to the residual stream (on Gemma 2/3, the
+    output of the norm that follows it). Each model_type with a preset (``codebook.sites.PRESETS``)
+    knows where these live; ``site_patterns`` overrides them or adds new kinds by module name.
     """
 
     sites: list[str] = field(default_factory=lambda: ["attn_heads"])
+    # Site kind -> SitePattern (or a mapping of its fields): sites by module-name pattern, for
+    # models without a preset or sites the presets lack. Codebooks are named ``<kind>_<layer>``.
+    site_patterns: dict[str, SitePattern] = field(default_factory=dict)
     layers: str | list[int] = "all"
     num_codes: int = 1000
     k: int = 8
@@ -56,19 +111,39 @@ class CodebookConfig:
     init_std: float = 1.0
 
     def __post_init__(self) -> None:
+        if isinstance(self.site_patterns, dict):  # mappings (JSON, Python) -> SitePattern
+            from codebook.schema import build
+
+            self.site_patterns = {
+                k: build(SitePattern, v, f"codebook.site_patterns.{k}")
+                for k, v in self.site_patterns.items()}
         self.validate()
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
         """Check the settings alone (no model needed); raise ConfigError on the first fault."""
         p = "codebook"
+        if not isinstance(self.site_patterns, dict):
+            raise ConfigError(f"{p}.site_patterns", f"got {self.site_patterns!r}",
+                              "give a mapping of site kind -> pattern")
+        for kind, pattern in self.site_patterns.items():
+            if not isinstance(kind, str) or not _KIND_NAME.fullmatch(kind):
+                raise ConfigError(f"{p}.site_patterns", f"bad site kind name {kind!r}",
+                                  "use a name of letters, digits and '_' starting with a letter")
+            if not isinstance(pattern, SitePattern):
+                raise ConfigError(f"{p}.site_patterns.{kind}", f"got {pattern!r}",
+                                  "give a SitePattern or a mapping of its fields")
+            pattern.validate(f"{p}.site_patterns.{kind}")
+        kinds = (*SITE_KINDS, *(k for k in self.site_patterns if k not in SITE_KINDS))
         if not isinstance(self.sites, list | tuple) or not self.sites:
             raise ConfigError(
-                f"{p}.sites", f"got {self.sites!r}", f"give a list from {SITE_KINDS}"
+                f"{p}.sites", f"got {self.sites!r}", f"give a list from {kinds}"
             )
         for s in self.sites:
-            if s not in SITE_KINDS:
-                raise ConfigError(f"{p}.sites", f"unknown site {s!r}", f"use one of {SITE_KINDS}")
+            if s not in kinds:
+                raise ConfigError(
+                    f"{p}.sites", f"unknown site {s!r}",
+                    f"use one of {kinds}, or define {s!r} in codebook.site_patterns")
         if len(set(self.sites)) != len(self.sites):
             raise ConfigError(f"{p}.sites", f"duplicate entries in {self.sites}", "list each once")
         if self.layers != "all" and (

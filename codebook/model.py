@@ -3,7 +3,8 @@
 ``CodebookModel`` owns the HF model and one ``CodebookLayer`` per site. Hooks route each site's
 activation through its codebook; the HF forward pass itself is untouched, so ``generate`` and
 new ``transformers`` releases work as they are. Saved as a normal HF model folder plus
-``codebooks.safetensors`` and ``codebook_config.json``.
+``codebooks.safetensors`` and ``codebook_config.json``; loaded from a folder or a Hub repo id,
+pushed to the Hub with a model card (codebook/hub.py).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from codebook.config import CodebookConfig
 from codebook.errors import ConfigError
 from codebook.io import atomic_dir
 from codebook.layer import CodebookLayer
-from codebook.sites import Site, resolve_sites
+from codebook.sites import Site, module_width, resolve_sites, site_module
 
 CODEBOOK_CONFIG_FILE = "codebook_config.json"
 CODEBOOK_WEIGHTS_FILE = "codebooks.safetensors"
@@ -49,6 +50,8 @@ class CodebookModel(nn.Module):
         self.sites: dict[str, Site] = {s.name: s for s in resolve_sites(model.config, config)}
         self.model = model
         self.codebook_config = config
+        # The base model's Hub id for model cards (set by from_pretrained; None: unknown).
+        self.base_model_name: str | None = None
         self.codebooks = nn.ModuleDict()
         recent = 1024 if config.dead_code_steps else 0
         for name, site in self.sites.items():
@@ -61,7 +64,7 @@ class CodebookModel(nn.Module):
         self._positions: torch.Tensor | None = None
         self._hooks = [model.register_forward_pre_hook(self._track_positions, with_kwargs=True)]
         for name, site in self.sites.items():
-            module = model.get_submodule(site.module_path)
+            module = site_module(model, site)
             if site.hook == "pre":
                 hook = module.register_forward_pre_hook(self._pre_hook(name), with_kwargs=True)
             else:
@@ -215,9 +218,11 @@ class CodebookModel(nn.Module):
                         **hf_kwargs: Any) -> CodebookModel:
         """Load a saved codebook model, or a base HF model plus new codebooks.
 
-        ``name_or_path`` is a hub name or local folder. If it holds ``codebook_config.json``, the
-        saved codebooks are loaded (``codebook_config`` must then be None or equal). Otherwise
-        ``codebook_config`` is required and fresh codebooks are attached.
+        ``name_or_path`` is a local folder or a Hub repo id (``owner/name``; its files come
+        through ``huggingface_hub``'s cache, so ``HF_HUB_OFFLINE`` and ``HF_HUB_CACHE`` apply). If
+        it holds ``codebook_config.json``, the saved codebooks are loaded (``codebook_config``
+        must then be None or equal). Otherwise ``codebook_config`` is required and fresh
+        codebooks are attached.
         """
         from transformers import AutoModelForCausalLM
 
@@ -226,6 +231,15 @@ class CodebookModel(nn.Module):
         folder = Path(name_or_path)
         if folder.exists() or looks_local(name_or_path):  # local: a ConfigError names a bad file
             check_model_folder(folder, "name_or_path", gguf_file=hf_kwargs.get("gguf_file"))
+        elif not hf_kwargs.get("gguf_file"):  # a Hub id: the codebook files from its snapshot
+            from codebook.hub import hub_codebook_files
+
+            found = hub_codebook_files(str(name_or_path), required=codebook_config is None,
+                                       **hf_kwargs)
+            if found is not None:
+                folder, commit = found
+                if commit:  # the base model from the same commit as the codebooks
+                    hf_kwargs = {**hf_kwargs, "revision": commit}
         saved = folder / CODEBOOK_CONFIG_FILE
         if saved.is_file():
             stored = CodebookConfig.load(saved)
@@ -253,8 +267,22 @@ class CodebookModel(nn.Module):
                 del model.config.quantization_config
         cb_model = cls(model, codebook_config)
         if saved.is_file():
+            from codebook.hub import card_base_model
+
             cb_model.load_codebooks(folder / CODEBOOK_WEIGHTS_FILE)
+            cb_model.base_model_name = card_base_model(folder) or ""
+        elif not (Path(name_or_path).exists() or looks_local(name_or_path)):
+            cb_model.base_model_name = str(name_or_path)  # new codebooks on a Hub model
         return cb_model
+
+    def push_to_hub(self, repo_id: str, base_model: str | None = None, tokenizer: Any = None,
+                    **kwargs: Any) -> str:
+        """Upload this model, its codebooks and a model card (base model, sites, k, codebook
+        size) to Hub repo ``repo_id``; returns the commit URL. ``kwargs``: ``private``,
+        ``token``, ``revision``, ``commit_message``, ``create_pr`` (see codebook.hub)."""
+        from codebook.hub import push_to_hub
+
+        return push_to_hub(self, repo_id, base_model, tokenizer, **kwargs)
 
     def load_codebooks(self, file: str | Path) -> None:
         """Load codebook weights, with a clear error when they do not fit this model."""
@@ -291,17 +319,12 @@ def _config_kwargs(hf_kwargs: dict[str, Any]) -> dict[str, Any]:
 
 def _check_site_width(model: nn.Module, site: Site) -> None:
     """The hooked module's real width must match the config's (catches head-count mismatches)."""
-    module = model.get_submodule(site.module_path)
-    if site.hook == "pre":
-        width = getattr(module, "in_features", None) or getattr(module, "nx", None)
-    elif site.kind == "attn":
-        width = getattr(module, "out_features", None) or getattr(module, "nf", None)
-    else:
-        width = None
+    width = module_width(site_module(model, site), site.hook)
     if width is not None and width != site.dim:
         raise ConfigError(
             f"codebook.sites[{site.kind}]",
             f"{site.module_path} has width {width} but the model config implies {site.dim}"
-            " (head count x head size mismatch)",
-            "check num_attention_heads / head_dim in the model config",
+            + (" (head count x head size mismatch)" if site.per_head else ""),
+            "check num_attention_heads / head_dim in the model config"
+            + (", or the site's width in codebook.site_patterns" if not site.per_head else ""),
         )

@@ -152,7 +152,7 @@ def prepare(args: argparse.Namespace) -> tuple[CodeStore, list[str], list[dict] 
                                                 list[str], list[str]]:
     """Open and check the store and features before Ray starts."""
     from codebook.analysis.features import load_features
-    from codebook.extraction import check_site_names
+    from codebook.resolve import check_site_names
 
     store = CodeStore(args.store)
     meta = store.meta
@@ -277,19 +277,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         store, files, features, names, sites = prepare(args)
     except ConfigError as err:
         sys.exit(f"config error: {err}")
-    from pipelines.launch import init_ray, shutdown_ray
+    from codebook.ray_glue.session import ray_session
 
-    started = init_ray()
     try:
-        result = evaluate(store, files, features, names, sites, args)
+        with ray_session():
+            result = evaluate(store, files, features, names, sites, args)
     except Exception as err:  # an actor's ConfigError (e.g. a corrupt shard) arrives wrapped
         cause = _config_error_in(err)
         if cause is None:
             raise
         sys.exit(f"config error: {cause}")
-    finally:
-        if started:
-            shutdown_ray()
     for name in result["skipped"]:
         print(f"feature {name!r} matched no token in {result['tokens']} tokens: skipped",
               file=sys.stderr, flush=True)

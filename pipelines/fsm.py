@@ -57,7 +57,6 @@ def main(argv: list[str] | None = None) -> dict:
         verify_train_model(cfg.model.name_or_path, cfg.model.gguf_file)  # before Ray starts
     except ConfigError as err:
         sys.exit(f"config error: {err}")
-    import ray
     import torch
 
     from codebook import CodebookModel
@@ -65,19 +64,17 @@ def main(argv: list[str] | None = None) -> dict:
     from codebook.analysis.plots import plot_code_vs_neuron_precision, plot_intervention_by_site
     from codebook.data.fsm import TokFSM
     from codebook.io import atomic_write
+    from codebook.ray_glue.session import ray_session
+    from codebook.ray_glue.train import fit
     from codebook.tracking import MLflowLogger, log_artifacts
-    from pipelines.launch import fit, init_ray
 
     fsm = TokFSM(cfg.data.fsm)
     out_dir = cfg.run_dir / "analysis"
     out_dir.mkdir(parents=True, exist_ok=True)
     fsm.save(out_dir / "fsm.json")
-    init_ray()
-    started = time.perf_counter()
-    try:
+    with ray_session():
+        started = time.perf_counter()
         summary = fit(cfg)
-    finally:
-        ray.shutdown()
     train_minutes = (time.perf_counter() - started) / 60
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))

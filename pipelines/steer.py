@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if value < 1:
                 raise ConfigError(name, f"must be >= 1, got {value}", "pass a positive number")
         from codebook.data.text import load_tokenizer
-        from codebook.extraction import load_extraction_model, resolve_model
+        from codebook.resolve import load_extraction_model, resolve_model
 
         uri = (args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
                or f"sqlite:///{out / 'mlflow.db'}")

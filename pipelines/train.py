@@ -46,17 +46,14 @@ def main(argv: list[str] | None = None) -> dict:
     except ConfigError as err:
         sys.exit(f"config error: {err}")
     print("resolved config:\n" + json.dumps(cfg.to_dict(), indent=2), flush=True)
-    import ray
+    from codebook.ray_glue.session import ray_session
+    from codebook.ray_glue.train import fit
 
-    from pipelines.launch import fit, init_ray
-
-    init_ray()
     try:
-        summary = fit(cfg, resume=args.resume)
+        with ray_session():
+            summary = fit(cfg, resume=args.resume)
     except ConfigError as err:
         sys.exit(f"config error: {err}")
-    finally:
-        ray.shutdown()
     print(json.dumps(summary), flush=True)
     return summary
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random-initialised models of every supported family (no downloads)."""
+"""Shared fixtures: tiny random-initialised models of every site preset (no downloads)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,24 @@ TINY_CONFIGS: dict[str, dict] = {
     "llama": dict(model_type="llama", vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
                   max_position_embeddings=64),
+    # One per further preset of codebook.sites.PRESETS; special tokens inside the tiny vocab.
+    # Qwen 3 and Gemma: 4 heads x head_dim 16 = 64, twice hidden_size (attn_heads is 64 wide).
+    **{mt: dict(model_type=mt, vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+                **extra)
+       for mt, extra in [("mistral", {}), ("qwen2", {}), ("qwen3", dict(head_dim=16)),
+                         ("phi3", {}), ("gemma2", dict(head_dim=16)),
+                         ("gemma3_text", dict(head_dim=16))]},
 }
+# Gemma 3 with its vision tower (model_type gemma3): the text model's settings in text_config.
+TINY_CONFIGS["gemma3"] = dict(
+    model_type="gemma3", text_config={k: v for k, v in TINY_CONFIGS["gemma3_text"].items()
+                                      if k != "model_type"},
+    vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                       num_attention_heads=2, image_size=16, patch_size=8),
+    mm_tokens_per_image=4, image_token_index=VOCAB - 1, boi_token_index=VOCAB - 3,
+    eoi_token_index=VOCAB - 2)
 FAMILIES = list(TINY_CONFIGS)
 
 

@@ -1,10 +1,12 @@
-"""A small local text corpus, a byte-level BPE trained on it, and a tiny saved codebook model."""
+"""A small local text corpus, a byte-level BPE trained on it, a tiny saved codebook model, and
+the in-memory classifier the shard-wise evaluation must match."""
 
 from __future__ import annotations
 
 import random
 from pathlib import Path
 
+import numpy as np
 import torch
 
 MONTHS = "January February March April May June July August September October November December"
@@ -59,20 +61,34 @@ def save_tiny_codebook_model(path: Path, vocab_size: int, num_codes: int = 300, 
     return model.eval()
 
 
-def build_store(model_dir: Path, corpus: Path, out: Path, *extra: str):
+def build_store(model_dir: Path, corpus: Path, out: Path, **options):
     """A complete code store made in this process (no Ray): the pipeline's own prepare step,
     then every shard through the library's extraction functions."""
     from codebook.data.text import load_tokenizer
-    from codebook.extraction import extract_to_store, load_extraction_model, shard_windows
-    from pipelines.extract import parse_args, prepare
+    from codebook.extraction import extract_shards
+    from codebook.ray_glue.extract import ExtractOptions, prepare
+    from codebook.resolve import load_extraction_model
 
-    args = parse_args(["--model", str(model_dir), "--source", "text", "--paths", str(corpus),
-                       "--out", str(out), "--block-size", "64", "--docs-per-shard", "6", *extra])
-    store, model_path, pending = prepare(args)
+    opts = ExtractOptions(model=str(model_dir), out=str(out), source="text",
+                          paths=[str(corpus)], block_size=64, docs_per_shard=6, **options)
+    store, model_path, pending = prepare(opts)
     model = load_extraction_model(model_path)
     tokenizer = load_tokenizer(store.meta.tokenizer)
-    for shard in pending:
-        windows = shard_windows(store.meta.source, shard, tokenizer, store.meta.block_size)
-        extract_to_store(model, store, shard["shard"], windows)
+    for _ in extract_shards(model, store, pending, tokenizer):
+        pass
     store.finalize_stats()
     return store
+
+
+def in_memory_classifier(codes: np.ndarray, acts: np.ndarray, labels: np.ndarray, num_codes: int,
+                         num_labels: int, min_recall: float) -> dict[str, np.ndarray]:
+    """Codes vs neurons on all rows at once: per label, the best code by precision at recall
+    >= ``min_recall`` and the best neuron's precision at that code's recall."""
+    from codebook.analysis.classifiers import best_code_per_label, code_feature_stats
+    from codebook.analysis.neurons import best_neurons_at_recall
+
+    stats = code_feature_stats(codes, labels, num_codes, num_labels)
+    code, code_p, code_r = best_code_per_label(stats, min_recall=min_recall)
+    neurons = best_neurons_at_recall(acts, labels, code_r)
+    return {"code": code, "code_precision": code_p, "code_recall": code_r,
+            "neuron_precision": neurons["precision"]}

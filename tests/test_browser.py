@@ -24,7 +24,7 @@ from train_helpers import REPO
 from codebook.analysis.search import CodeRef, StoreSearch
 from codebook.browser import create_app
 from codebook.data.text import load_tokenizer
-from codebook.extraction import load_extraction_model
+from codebook.resolve import load_extraction_model
 from codebook.steering import generate
 
 MONTHS = r"\b(January|February|March|April|May|June|July)\b"

@@ -1,4 +1,4 @@
-"""Tests of codes-vs-neurons classifiers (codebook.analysis.classifiers)."""
+"""Tests of codes-vs-neurons classifiers (codebook.analysis.classifiers, .neurons)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,20 @@ import pytest
 from codebook.analysis.classifiers import (
     best_code_per_label,
     code_feature_stats,
-    codes_vs_neurons,
     js_divergence,
-    neuron_precision_at_recall,
-    neuron_precisions_at_recall,
     normalised_jsd,
     precision_summary,
 )
+from codebook.analysis.neurons import best_neurons_at_recall
+
+
+def best_neuron(acts: np.ndarray, is_label: np.ndarray, recall: float, both_signs: bool = True,
+                chunk_elements: int = 1 << 24) -> tuple[float, int, int, float]:
+    """``best_neurons_at_recall`` for one label: (precision, neuron, sign, threshold)."""
+    res = best_neurons_at_recall(acts, np.where(is_label, 0, -1), [recall], both_signs,
+                                 chunk_elements)
+    return (float(res["precision"][0]), int(res["neuron"][0]), int(res["sign"][0]),
+            float(res["threshold"][0]))
 
 
 def test_code_stats_hand_example() -> None:
@@ -88,7 +95,7 @@ def test_indicator_neuron_is_perfect_at_any_recall(recall: float) -> None:
     is_label = rng.random(1000) < 0.2
     acts = rng.normal(size=(1000, 6))
     acts[:, 4] = is_label.astype(float)
-    prec, idx, sign, thr = neuron_precision_at_recall(acts, is_label, recall)
+    prec, idx, sign, thr = best_neuron(acts, is_label, recall)
     assert (prec, idx, sign) == (1.0, 4, 1)
     assert thr == 1.0
 
@@ -99,29 +106,29 @@ def test_noisy_neuron_hand_computed() -> None:
     n0 = np.array([5.0, 4, 3, 2, 1, 0])
     n1 = -is_label.astype(float)  # an indicator with the wrong sign
     acts = np.stack([n0, n1], axis=1)
-    prec, thr = neuron_precisions_at_recall(acts[:, :1], is_label, 1 / 3)
-    assert prec[0] == 1.0 and thr[0] == 5.0  # only the 5 is above
-    prec, thr = neuron_precisions_at_recall(acts[:, :1], is_label, 0.5)  # ceil(1.5) = 2
-    assert prec[0] == pytest.approx(2 / 3) and thr[0] == 3.0  # 5, 4, 3 above
-    prec, thr = neuron_precisions_at_recall(acts[:, :1], is_label, 2 / 3)
-    assert prec[0] == pytest.approx(2 / 3) and thr[0] == 3.0
-    prec, thr = neuron_precisions_at_recall(acts[:, :1], is_label, 1.0)
-    assert prec[0] == pytest.approx(3 / 4) and thr[0] == 2.0
-    prec, thr = neuron_precisions_at_recall(acts[:, :1], is_label, 1.0, sign=-1)
-    assert prec[0] == pytest.approx(3 / 6) and thr[0] == -5.0
+    plus = acts[:, :1]
+    assert best_neuron(plus, is_label, 1 / 3, False)[::3] == (1.0, 5.0)  # only the 5 above
+    prec, _, _, thr = best_neuron(plus, is_label, 0.5, False)  # ceil(1.5) = 2
+    assert prec == pytest.approx(2 / 3) and thr == 3.0  # 5, 4, 3 above
+    prec, _, _, thr = best_neuron(plus, is_label, 2 / 3, False)
+    assert prec == pytest.approx(2 / 3) and thr == 3.0
+    prec, _, _, thr = best_neuron(plus, is_label, 1.0, False)
+    assert prec == pytest.approx(3 / 4) and thr == 2.0
+    prec, _, _, thr = best_neuron(-plus, is_label, 1.0, False)  # sign -1 alone
+    assert prec == pytest.approx(3 / 6) and thr == -5.0
     # Recall 0.1 * 3 = 0.30000000000000004 with 10 positives must need 3 positives, not 4.
     ten = np.zeros(20, dtype=bool)
     ten[:10] = True
     vals = np.arange(20, 0, -1, dtype=float)[:, None]
     vals[3, 0] = -1.0  # a negative-class-like value among positives: 4th positive is low
     vals[10, 0] = 16.5  # a negative between the 3rd and 4th largest positives
-    prec, thr = neuron_precisions_at_recall(vals, ten, 0.1 * 3)
-    assert thr[0] == 18.0 and prec[0] == 1.0
+    prec, _, _, thr = best_neuron(vals, ten, 0.1 * 3, False)
+    assert thr == 18.0 and prec == 1.0
 
     # Both signs: neuron 1 negated is a perfect indicator.
-    p, idx, sign, t = neuron_precision_at_recall(acts, is_label, 1.0)
+    p, idx, sign, t = best_neuron(acts, is_label, 1.0)
     assert (p, idx, sign, t) == (1.0, 1, -1, 1.0)
-    p, idx, sign, _ = neuron_precision_at_recall(acts, is_label, 1.0, both_signs=False)
+    p, idx, sign, _ = best_neuron(acts, is_label, 1.0, both_signs=False)
     assert (p, idx, sign) == (pytest.approx(3 / 4), 0, 1)
 
 
@@ -130,40 +137,53 @@ def test_neuron_chunking_matches_unchunked() -> None:
     acts = rng.normal(size=(500, 37)).astype(np.float32)
     is_label = rng.random(500) < 0.3
     acts[is_label] += rng.normal(size=37).astype(np.float32)
-    full = neuron_precisions_at_recall(acts, is_label, 0.6)
-    chunked = neuron_precisions_at_recall(acts, is_label, 0.6, chunk_size=5)
-    np.testing.assert_array_equal(full[0], chunked[0])
-    np.testing.assert_array_equal(full[1], chunked[1])
-    # Brute force for one neuron.
-    j = 7
-    pos = np.sort(acts[is_label, j])[::-1]
-    thr = pos[math.ceil(0.6 * is_label.sum()) - 1]
-    above = acts[:, j] >= thr
-    assert full[0][j] == pytest.approx((above & is_label).sum() / above.sum())
+    full = best_neuron(acts, is_label, 0.6)
+    assert best_neuron(acts, is_label, 0.6, chunk_elements=500 * 5) == full
+    # Brute force over every neuron and sign.
+    need = math.ceil(0.6 * is_label.sum())
+    best = 0.0
+    for j in range(37):
+        for sign in (1, -1):
+            a = sign * acts[:, j]
+            thr = np.sort(a[is_label])[::-1][need - 1]
+            best = max(best, (a[is_label] >= thr).sum() / (a >= thr).sum())
+    assert full[0] == pytest.approx(best)
 
 
 def test_neuron_rejects_bad_inputs() -> None:
     acts = np.zeros((4, 2))
+    assert math.isnan(best_neuron(acts, np.zeros(4, dtype=bool), 0.5)[0])  # no positive: skipped
     with pytest.raises(ValueError):
-        neuron_precision_at_recall(acts, np.zeros(4, dtype=bool), 0.5)
+        best_neuron(acts, np.ones(4, dtype=bool), 0.0)
     with pytest.raises(ValueError):
-        neuron_precision_at_recall(acts, np.ones(4, dtype=bool), 0.0)
-    with pytest.raises(ValueError):
-        neuron_precision_at_recall(acts, np.ones(3, dtype=bool), 0.5)
+        best_neuron(acts, np.ones(3, dtype=bool), 0.5)
 
 
-def test_codes_vs_neurons() -> None:
+def test_codes_vs_neurons_at_the_codes_recall() -> None:
     rng = np.random.default_rng(3)
     t = 2000
     labels = rng.integers(-1, 3, size=t)
     codes = np.where(labels >= 0, labels, 3)
     acts = rng.normal(size=(t, 4))
     acts[:, 2] = (labels == 1).astype(float)
-    out = codes_vs_neurons(codes, acts, labels, num_codes=4, num_labels=3)
-    np.testing.assert_array_equal(out["code_precision"], 1.0)
-    np.testing.assert_array_equal(out["code_recall"], 1.0)
-    assert out["neuron"][1] == 2 and out["neuron_precision"][1] == 1.0
-    assert out["neuron_precision"][0] < 0.9
+    code, code_p, code_r = best_code_per_label(code_feature_stats(codes, labels, 4, 3))
+    np.testing.assert_array_equal(code_p, 1.0)
+    np.testing.assert_array_equal(code_r, 1.0)
+    out = best_neurons_at_recall(acts, labels, code_r)
+    assert out["neuron"][1] == 2 and out["precision"][1] == 1.0
+    assert out["precision"][0] < 0.9
+
+
+def test_labeller_output_counts_like_label_ids() -> None:
+    """(T, F) bool labels (a labeller's) give the same statistics as the ids they encode."""
+    rng = np.random.default_rng(4)
+    codes = rng.integers(0, 6, size=(300, 2))
+    labels = rng.random((300, 3)) < 0.3
+    ids = np.where(labels, np.arange(3)[None, :], -1)
+    a = code_feature_stats(codes, labels, 6, 3)
+    b = code_feature_stats(codes, ids, 6, 3)
+    for key in ("joint", "code_counts", "label_counts"):
+        np.testing.assert_array_equal(a[key], b[key])
 
 
 def test_precision_summary() -> None:

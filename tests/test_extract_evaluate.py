@@ -16,14 +16,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from corpus_helpers import make_corpus, save_bpe_tokenizer, save_tiny_codebook_model
+from corpus_helpers import (
+    in_memory_classifier,
+    make_corpus,
+    save_bpe_tokenizer,
+    save_tiny_codebook_model,
+)
 from train_helpers import REPO
 
 from codebook import read_codes
-from codebook.analysis.classifiers import codes_vs_neurons
 from codebook.analysis.features import RegexFeature, shard_regex_labels
+from codebook.corpus import read_documents
 from codebook.errors import ConfigError
-from codebook.extraction import read_documents
 from codebook.model import CodebookModel
 from codebook.store import CodeStore, list_to_numpy
 from pipelines import evaluate as evaluate_cli
@@ -45,11 +49,10 @@ def workdir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def ray_session():
-    from pipelines.launch import init_ray, shutdown_ray
+    from codebook.ray_glue.session import ray_session
 
-    init_ray()
-    yield
-    shutdown_ray()
+    with ray_session():
+        yield
 
 
 def extract_args(workdir: Path, out: Path, *extra: str) -> list[str]:
@@ -177,9 +180,9 @@ def test_evaluate_matches_the_in_process_classifier_and_reports_unmatched(
                                 rows.column("token_id").to_numpy(),
                                 [RegexFeature("months", evaluate_cli_months())])[:, 0]
     assert labels.sum() == row["positives"] > 0
-    truth = codes_vs_neurons(list_to_numpy(rows.column("codes.mlp_1")).astype(np.int64),
-                             list_to_numpy(rows.column("acts.mlp_1")).astype(np.float32),
-                             np.where(labels, 0, -1), 300, 1, min_recall=0.1)
+    truth = in_memory_classifier(list_to_numpy(rows.column("codes.mlp_1")).astype(np.int64),
+                                 list_to_numpy(rows.column("acts.mlp_1")).astype(np.float32),
+                                 np.where(labels, 0, -1), 300, 1, min_recall=0.1)
     assert row["code"] == f"0:{truth['code'][0]}"
     assert row["code_precision"] == pytest.approx(truth["code_precision"][0])
     assert row["neuron_precision"] == pytest.approx(truth["neuron_precision"][0])

@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from codebook import CodebookConfig, CodebookModel, disable_codes, force_codes
 from codebook.analysis import fsm as A
-from codebook.analysis.classifiers import neuron_precision_at_recall
+from codebook.analysis.neurons import best_neurons_at_recall
 from codebook.analysis.plots import plot_code_vs_neuron_precision, plot_intervention_by_site
 from codebook.data.fsm import FSMConfig, TokFSM
 
@@ -168,7 +168,9 @@ def test_planted_codes_are_found_and_dedicated() -> None:
 
 
 def test_code_state_classification_on_a_model(model, fsm, tokens) -> None:
-    res = A.code_state_classification(model, fsm, tokens)
+    data = A.collect_state_data(model, fsm, tokens, activations=False, residual=False)
+    sizes = {name: model.codebooks[name].num_codes for name in data.codes}
+    res = A.classify_state_codes(data.codes, data.labels, fsm.num_states, sizes)
     assert len(res["codebooks"]) == 2 * (4 + 1)
     p = res["precision"][np.isfinite(res["precision"])]
     assert p.size and ((p >= 0) & (p <= 1)).all()
@@ -198,8 +200,25 @@ def test_forced_codes_make_a_dedicated_code(fsm, tokens) -> None:
 
 
 # ---------------------------------------------------------------------- neurons
+def brute_force_neuron(acts: np.ndarray, is_label: np.ndarray, recall: float
+                       ) -> tuple[float, int, int, float]:
+    """The best (precision, neuron, sign, threshold) by the definition, neuron by neuron:
+    ties to sign +1, then to the lower neuron."""
+    need = math.ceil(recall * is_label.sum() - 1e-9)
+    best = (-1.0, -1, 0, math.nan)
+    for sign in (1, -1):
+        for j in range(acts.shape[1]):
+            a = sign * acts[:, j].astype(np.float32)
+            thr = np.sort(a[is_label])[::-1][need - 1]
+            p = (a[is_label] >= thr).sum() / (a >= thr).sum()
+            if p > best[0]:
+                best = (p, j, sign, float(thr))
+    return best
+
+
 @pytest.mark.parametrize("integer", [False, True])
-def test_best_neurons_match_the_reference(integer: bool) -> None:
+@pytest.mark.parametrize("chunk", [1, 2, 9])
+def test_best_neurons_match_the_definition(integer: bool, chunk: int) -> None:
     rng = np.random.default_rng(3)
     acts = rng.normal(size=(300, 9)).astype(np.float32)
     if integer:  # many ties
@@ -208,9 +227,9 @@ def test_best_neurons_match_the_reference(integer: bool) -> None:
     acts[labels == 2, 4] += 3.0  # a good neuron for state 2
     acts[labels == 1, 6] -= 3.0  # a good negative neuron for state 1
     target = np.array([0.3, 0.7, 0.5, np.nan, 0.9])  # state 3 skipped, state 4 absent
-    res = A.best_neurons_at_recall(acts, labels, target, chunk_elements=300 * 2)
+    res = best_neurons_at_recall(acts, labels, target, chunk_elements=300 * chunk)
     for s in range(3):
-        p, j, sign, thr = neuron_precision_at_recall(acts, labels == s, target[s])
+        p, j, sign, thr = brute_force_neuron(acts, labels == s, target[s])
         assert res["precision"][s] == pytest.approx(p)
         assert (res["neuron"][s], res["sign"][s]) == (j, sign)
         assert res["threshold"][s] == pytest.approx(thr)

@@ -84,7 +84,7 @@ def hf_config(tmp_path: Path, tok_dir: str, tokenizer, name: str = "hf", **data)
 # ---------------------------------------------------------------------- real runs
 @pytest.mark.slow
 def test_train_on_a_local_hf_dataset_folder(local_ray, offline, tmp_path, tok_dir, tokenizer):
-    from pipelines.launch import fit
+    from codebook.ray_glue.train import fit
 
     corpus = write_corpus(tmp_path / "corpus")
     summary = fit(hf_config(tmp_path, tok_dir, tokenizer, **{"data.hf_dataset": str(corpus)}))
@@ -98,24 +98,48 @@ def test_train_on_a_local_hf_dataset_folder(local_ray, offline, tmp_path, tok_di
 def test_builder_with_relative_data_files_reads_the_same_rows(
         local_ray, offline, tmp_path, tok_dir, tokenizer, monkeypatch):
     """``parquet`` + data files relative to the cwd == the folder itself, row for row."""
-    from pipelines.launch import _hf_dataset
+    from codebook.ray_glue.data import hf_dataset
 
     write_corpus(tmp_path / "corpus")
     monkeypatch.chdir(tmp_path)  # Ray Data tasks do not share the cwd: paths go absolute
-    by_folder = _hf_dataset(hf_config(tmp_path, tok_dir, tokenizer,
+    by_folder = hf_dataset(hf_config(tmp_path, tok_dir, tokenizer,
                                       **{"data.hf_dataset": "corpus"}))
-    by_files = _hf_dataset(hf_config(tmp_path, tok_dir, tokenizer, **{
+    by_files = hf_dataset(hf_config(tmp_path, tok_dir, tokenizer, **{
         "data.hf_dataset": "parquet", "data.hf_data_files": "[corpus/part-*.parquet]"}))
     rows = by_folder.take_all()
     assert rows == by_files.take_all() and len(rows) == 11
     assert list(rows[0]) == ["text"]  # only the text column goes to Ray Data
 
 
+def test_extraction_reads_what_training_reads_with_data_files(offline, tmp_path, monkeypatch):
+    """Extraction loads an ``hf`` corpus with the training reader (``codebook.data.hf``), data
+    files included: a builder plus files relative to the cwd describes and reads the same
+    documents, in order, from any working directory (Ray actors may run elsewhere)."""
+    import pyarrow.parquet as pq
+
+    from codebook.corpus import Corpus, describe_corpus, read_documents
+
+    corpus = write_corpus(tmp_path / "corpus")
+    rows = [t for f in sorted(corpus.glob("*.parquet"))
+            for t in pq.read_table(f)["text"].to_pylist()]
+    monkeypatch.chdir(tmp_path)
+    source = describe_corpus(Corpus(source="hf", hf_dataset="parquet",
+                                    hf_data_files=["corpus/part-*.parquet"]))
+    assert source["data_files"] == [str(corpus / "part-*.parquet")]
+    assert source["num_documents"] == len(rows) == 11
+    monkeypatch.chdir(corpus)
+    assert read_documents(source, 0, 11) == rows
+    with pytest.raises(ConfigError, match="part-9.parquet does not exist") as err:
+        describe_corpus(Corpus(source="hf", hf_dataset="parquet",
+                               hf_data_files=[str(corpus / "part-9.parquet")]))
+    assert err.value.field == "--hf-data-files"  # the extraction command's own option
+
+
 # ---------------------------------------------------------------------- errors, before training
 @pytest.mark.parametrize("missing", ["no-such-org/no-such-dataset", "{tmp}/no-such-folder"])
 def test_missing_dataset_is_a_config_error_before_training(
         local_ray, offline, tmp_path, tok_dir, tokenizer, missing):
-    from pipelines.launch import fit
+    from codebook.ray_glue.train import fit
 
     cfg = hf_config(tmp_path, tok_dir, tokenizer,
                     **{"data.hf_dataset": missing.format(tmp=tmp_path)})
@@ -126,7 +150,7 @@ def test_missing_dataset_is_a_config_error_before_training(
 
 
 def test_wrong_text_column_names_the_columns(offline, tmp_path, tok_dir, tokenizer):
-    from pipelines.launch import text_datasets
+    from codebook.ray_glue.data import text_datasets
 
     corpus = write_corpus(tmp_path / "corpus")
     cfg = hf_config(tmp_path, tok_dir, tokenizer,
@@ -137,7 +161,7 @@ def test_wrong_text_column_names_the_columns(offline, tmp_path, tok_dir, tokeniz
 
 
 def test_wrong_split_and_missing_data_file(offline, tmp_path, tok_dir, tokenizer):
-    from pipelines.launch import text_datasets
+    from codebook.ray_glue.data import text_datasets
 
     corpus = write_corpus(tmp_path / "corpus")
     cfg = hf_config(tmp_path, tok_dir, tokenizer,
@@ -153,7 +177,7 @@ def test_wrong_split_and_missing_data_file(offline, tmp_path, tok_dir, tokenizer
 
 
 def test_without_the_datasets_package(tmp_path, tok_dir, tokenizer, monkeypatch):
-    from pipelines.launch import text_datasets
+    from codebook.ray_glue.data import text_datasets
 
     monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
     cfg = hf_config(tmp_path, tok_dir, tokenizer, **{"data.hf_dataset": "wikitext"})

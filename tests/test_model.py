@@ -45,8 +45,8 @@ def test_every_site_is_hooked_with_the_right_shape(family, tokens):
     for name, site in model.sites.items():
         assert record.codes[name].shape == (2, 12, site.groups, 2)
         assert record.activations[name].shape == (2, 12, site.dim)
-    heads = TINY_CONFIGS[family].get("num_attention_heads") or TINY_CONFIGS[family].get(
-        "n_head") or TINY_CONFIGS[family]["num_heads"]
+    tiny = TINY_CONFIGS[family].get("text_config", TINY_CONFIGS[family])
+    heads = tiny.get("num_attention_heads") or tiny.get("n_head") or tiny["num_heads"]
     assert model.sites["attn_heads_0"].groups == heads
 
 
@@ -289,9 +289,12 @@ def test_intervention_inputs_are_validated(tokens):
         pass
 
 
-def test_every_library_family_has_a_tiny_model_under_test():
-    from codebook.sites import FAMILIES as LIBRARY_FAMILIES
-    from codebook.sites import MODEL_TYPES
+def test_every_library_preset_has_a_tiny_model_under_test():
+    from codebook import FAMILIES as EXPORTED
+    from codebook.sites import PRESETS
 
-    assert set(LIBRARY_FAMILIES) == set(FAMILIES) == {"gpt_neox", "gpt2", "gpt_neo", "llama"}
-    assert set(MODEL_TYPES.values()) == set(LIBRARY_FAMILIES)
+    assert set(PRESETS) == set(FAMILIES) == {
+        "gpt_neox", "gpt2", "gpt_neo", "llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2",
+        "gemma3_text", "gemma3"}
+    assert EXPORTED is PRESETS
+    assert all(set(p) == set(ALL_SITES) for p in PRESETS.values())

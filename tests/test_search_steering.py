@@ -17,7 +17,7 @@ from corpus_helpers import build_store, make_corpus, save_bpe_tokenizer, save_ti
 from codebook.analysis.search import CodeRef, StoreSearch
 from codebook.data.text import load_tokenizer
 from codebook.errors import ConfigError
-from codebook.extraction import load_extraction_model
+from codebook.resolve import load_extraction_model
 from codebook.steering import (
     count_codes,
     find_topic_codes,

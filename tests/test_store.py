@@ -8,7 +8,6 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from codebook.analysis.classifiers import codes_vs_neurons
 from codebook.analysis.features import RegexFeature, load_features, regex_token_labels
 from codebook.analysis.store_eval import (
     above_counts,
@@ -87,7 +86,9 @@ def test_feature_files_are_validated(tmp_path):
 
 
 def test_shard_partials_add_up_to_the_single_process_classifier():
-    """Two shards through count -> thresholds -> above == codes_vs_neurons on all rows."""
+    """Two shards through count -> thresholds -> above == the in-memory classifier."""
+    from corpus_helpers import in_memory_classifier
+
     rng = np.random.default_rng(1)
     m = meta()
     tables = [random_table(rng, 300, m), random_table(rng, 200, m)]
@@ -107,7 +108,7 @@ def test_shard_partials_add_up_to_the_single_process_classifier():
                                ).astype(np.int64).reshape(-1, 2, 2)
     flat = (all_codes + np.array([0, 10])[None, :, None]).reshape(len(all_codes), -1)
     acts = np.concatenate([list_to_numpy(t.column("acts.s")) for t in tables]).astype(np.float32)
-    truth = codes_vs_neurons(flat, acts, np.concatenate(labels), 20, 3, min_recall=0.05)
+    truth = in_memory_classifier(flat, acts, np.concatenate(labels), 20, 3, min_recall=0.05)
     for f, row in enumerate(rows):
         g, c = map(int, row["code"].split(":"))
         assert g * 10 + c == truth["code"][f]
@@ -131,7 +132,7 @@ def test_plan_shards_and_windows():
 def test_models_resolve_from_mlflow_runs_checkpoints_and_folders(tmp_path):
     from corpus_helpers import save_tiny_codebook_model
 
-    from codebook.extraction import resolve_model
+    from codebook.resolve import resolve_model
     from codebook.tracking import finish_run, start_run
 
     save_tiny_codebook_model(tmp_path / "ckpt" / "hf", vocab_size=40, num_codes=16)

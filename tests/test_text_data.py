@@ -68,18 +68,32 @@ def test_load_tokenizer_uses_a_lone_gguf_file(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------------- shipped configs
 @pytest.mark.parametrize("name", ["text_small.yaml", "smollm2_attn.yaml", "text_steer.yaml"])
-def test_shipped_text_configs_validate(name, tmp_path):
+def test_shipped_text_configs_validate(name, tmp_path, tok_dir, monkeypatch):
     """They validate with any corpus; with the fetched one as shipped (scripts/fetch_text.sh,
-    scripts/train_tokenizer.py), the tokenizer's size is the model's vocabulary."""
+    scripts/train_tokenizer.py), the tokenizer's size is the model's vocabulary. Before the
+    data is fetched (a clean clone), their relative model paths are a clear config error."""
+    import yaml
+
+    from codebook.errors import ConfigError
     from codebook.training.config import load_config
 
+    monkeypatch.chdir(REPO)  # the configs' relative paths are from the repository root
+    path = REPO / "configs" / name
+    model = yaml.safe_load(path.read_text())["model"]
+    key = "tokenizer" if model.get("tokenizer") else "name_or_path"
     (tmp_path / "a.txt").write_text("x")
-    cfg = load_config(REPO / "configs" / name, [f"data.paths={json.dumps([str(tmp_path)])}"])
+    sets = [f"data.paths={json.dumps([str(tmp_path)])}"]
+    if not (REPO / model[key]).exists():
+        with pytest.raises(ConfigError, match=f"model.{key}: {model[key]} does not exist"):
+            load_config(path, sets)
+        sets.append(f"model.{key}={tok_dir}")
+    cfg = load_config(path, sets)
     assert cfg.data.source == "text" and "attn_heads" in cfg.codebook.sites
     assert cfg.codebook.k == (1 if name == "text_steer.yaml" else 8)
     tokenizer = cfg.model.tokenizer
-    if tokenizer and Path(tokenizer).is_dir() and all(Path(p).is_dir() for p in cfg.data.paths):
-        cfg = load_config(REPO / "configs" / name)  # its relative paths are from the cwd
+    if tokenizer and Path(tokenizer).is_dir() and all(
+            (REPO / p).is_dir() for p in yaml.safe_load(path.read_text())["data"]["paths"]):
+        cfg = load_config(path)
         assert len(load_tokenizer(tokenizer)) == cfg.model.from_config["vocab_size"]
 
 
@@ -142,7 +156,7 @@ def local_ray():
 
 
 def _fit(tmp_path: Path, tok_dir: str, tokenizer, name: str, source: str, corpus: Path):
-    from pipelines.launch import fit
+    from codebook.ray_glue.train import fit
 
     return fit(text_config(tmp_path, tok_dir, tokenizer, name, **{
         "data.source": source, "data.paths": json.dumps([str(corpus)])}))  # a YAML list
@@ -191,7 +205,7 @@ def test_training_batches_are_shuffled_per_epoch_and_replay_on_resume(local_ray)
     (``start``) gets exactly the batches a fresh run would have had next."""
     import ray.data
 
-    from pipelines.launch import block_batches
+    from codebook.ray_glue.data import block_batches
 
     blocks = np.zeros((64, 4), dtype=np.int64)
     blocks[:, 0] = np.arange(64)  # block i starts with token i

@@ -13,9 +13,9 @@ from train_helpers import FSM_CONFIG, tiny_overrides
 
 from codebook import CodebookModel
 from codebook.errors import ConfigError
+from codebook.ray_glue.train import fit
 from codebook.training.config import load_config
 from codebook.training.loop import STATE_FILE
-from pipelines.launch import fit
 
 pytestmark = pytest.mark.slow
 
@@ -120,7 +120,7 @@ def test_bad_input_fails_before_workers_start(local_ray, tmp_path):
     with pytest.raises(ConfigError, match="cluster has"):
         fit(too_many)
     assert time.perf_counter() - t0 < 10
-    with pytest.raises(ConfigError, match="no checkpoint"):
+    with pytest.raises(ConfigError, match="no intact checkpoint"):
         fit(load_config(FSM_CONFIG, tiny_overrides(tmp_path, "fresh")), resume=True)
 
 
@@ -215,6 +215,25 @@ def test_killed_driver_resumes_to_the_same_final_step_count(tmp_path):
     steps = [s for s, _ in history(cfg, summary["mlflow_run_id"], "train/loss")]
     assert steps[-1] == 400 and steps[0] == 1
     codebooks_on(cfg, summary["mlflow_run_id"], start=10)
+
+
+def test_train_script_prints_each_progress_line_once(tmp_path):
+    """Each line the training loop prints in a Ray Train worker reaches the driver's output
+    once (Ray Train's print patch used to send it to both the worker's stdout and stderr)."""
+    import re
+    import subprocess
+    import sys
+
+    from train_helpers import REPO
+
+    args = [sys.executable, "pipelines/train.py", "--config", str(FSM_CONFIG)]
+    for item in tiny_overrides(tmp_path, "once", **{"run.max_steps": 4, "run.log_every": 1}):
+        args += ["--set", item]
+    done = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    progress = re.findall(r"step (\d+)/4 loss", output)
+    assert progress == ["1", "2", "3", "4"], output[-3000:]
 
 
 def test_worker_config_error_reaches_the_driver_as_itself(local_ray, tmp_path):

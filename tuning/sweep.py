@@ -3,9 +3,9 @@
     python tuning/sweep.py --config configs/sweeps/fsm_k_codes.yaml
     python tuning/sweep.py --config configs/sweeps/fsm_k_codes.yaml --resume   # after a crash
 
-Each trial is the training job of ``pipelines/train.py`` (``pipelines.launch.fit``: a Ray Train
-``TorchTrainer`` with its own workers) inside a Tune function trainable; ASHA stops poor trials
-early on the metric the loop reports at each checkpoint. The sweep lives in
+Each trial is the training job of ``pipelines/train.py`` (``codebook.ray_glue.train.fit``: a
+Ray Train ``TorchTrainer`` with its own workers) inside a Tune function trainable; ASHA stops
+poor trials early on the metric the loop reports at each checkpoint. The sweep lives in
 ``<run.storage_path>/<sweep name>/`` (``tune/`` Tune's experiment, ``runs/`` one Ray Train run
 per trial, the summary table, plots and ``best_config.yaml``). MLflow gets one parent run for
 the sweep and one child run per trial.
@@ -55,24 +55,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     except ConfigError as err:
         sys.exit(f"config error: {err}")
     print(f"sweep {spec.name}: {spec.sweep_dir}", flush=True)
-    import ray
-
-    from pipelines.launch import init_ray
+    from codebook.ray_glue.session import ray_session
 
     # Save Tune's experiment state often: a killed driver then loses little on --resume.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")
     started = time.perf_counter()
-    init_ray()
     try:
-        max_concurrent = check_resources(spec)
-        parent_id = open_parent_run(spec, args.resume)
-        results = run_tuner(spec, parent_id, max_concurrent, args.resume)
-        unfinished = len(results) - results.num_terminated - results.num_errors
-        rows = collect_rows(spec, results) if not unfinished else []
+        with ray_session():
+            max_concurrent = check_resources(spec)
+            parent_id = open_parent_run(spec, args.resume)
+            results = run_tuner(spec, parent_id, max_concurrent, args.resume)
+            unfinished = len(results) - results.num_terminated - results.num_errors
+            rows = collect_rows(spec, results) if not unfinished else []
     except ConfigError as err:
         sys.exit(f"config error: {err}")
-    finally:
-        ray.shutdown()
     if unfinished:  # interrupted (Ctrl-C): the parent run stays open for --resume
         sys.exit(f"sweep {spec.name} interrupted with {unfinished} trials unfinished; "
                  f"continue it with: python tuning/sweep.py --config {args.config} --resume"
@@ -199,7 +195,8 @@ def run_tuner(spec: SweepSpec, parent_id: str, max_concurrent: int, resume: bool
 # ---------------------------------------------------------------------- after the trials
 def collect_rows(spec: SweepSpec, results) -> list[dict[str, Any]]:
     """One summary row per trial, from Tune's results and the trial's run folder."""
-    from pipelines.launch import MLFLOW_ID_FILE, latest_checkpoint
+    from codebook.checkpoint import latest_intact_checkpoint
+    from codebook.ray_glue.train import MLFLOW_ID_FILE
     from tuning.trial import run_name
 
     rows = []
@@ -219,7 +216,7 @@ def collect_rows(spec: SweepSpec, results) -> list[dict[str, Any]]:
         else:
             status = "stopped_early"
         run_dir = cfg.run_dir
-        ckpt = latest_checkpoint(run_dir) if run_dir.exists() else None
+        ckpt = latest_intact_checkpoint(run_dir)[0] if run_dir.exists() else None
         id_file = run_dir / MLFLOW_ID_FILE
         best_seen = (min(evals) if spec.mode == "min" else max(evals)) if evals else None
         rows.append({

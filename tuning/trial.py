@@ -1,6 +1,6 @@
 """What runs inside Ray Tune: the trial trainable, the ASHA variant and small Tune hooks.
 
-A trial is the training job of ``pipelines/train.py``: ``pipelines.launch.fit`` builds a
+A trial is the training job of ``pipelines/train.py``: ``codebook.ray_glue.train.fit`` builds a
 ``TorchTrainer`` with its own Ray Train workers and runs it. This is the composition current Ray
 recommends (a ``TorchTrainer`` can no longer be passed to ``Tuner``): a function trainable runs
 ``TorchTrainer(...).fit()`` with ``TuneReportCallback`` in the inner ``RunConfig(callbacks=...)``,
@@ -55,12 +55,13 @@ def codebook_trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pipelines.launch import MLFLOW_ID_FILE, fit, latest_checkpoint
+    from codebook.checkpoint import latest_intact_checkpoint
+    from codebook.ray_glue.train import MLFLOW_ID_FILE, fit
 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(sweep["base_config"], dict(config), run_name(sweep["name"], trial_id))
     run_dir = cfg.run_dir
-    previous = latest_checkpoint(run_dir) if run_dir.exists() else None
+    previous = latest_intact_checkpoint(run_dir)[0] if run_dir.exists() else None
     if previous is not None and checkpoint_step(previous) >= cfg.run.max_steps:
         _report_finished(cfg, run_dir / MLFLOW_ID_FILE, previous)
         return

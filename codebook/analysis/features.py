@@ -1,20 +1,23 @@
-"""Features as sets of token positions: regexes over the text, or FSM state labels.
+"""Regex features: a named regex marks the tokens its matches cover (``RegexLabels``).
 
 A regex feature marks every token whose characters overlap the match's first capture group (the
 whole match when the pattern has no group). Token offsets come from re-tokenising the original
 document with the store's tokenizer, so they are exact for any tokenizer (byte-level BPE,
-SentencePiece); the ids are checked against the stored ones.
+SentencePiece); the ids are checked against the stored ones. Other kinds of features (FSM
+states, token ids) are in ``codebook.analysis.labels``.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
+from codebook.analysis.labels import TokenRows
 from codebook.errors import ConfigError
 from codebook.schema import build, read_yaml
 
@@ -124,3 +127,27 @@ def shard_regex_labels(tokenizer: Any, texts: list[str], first_doc_id: int,
         doc_labels = regex_token_labels(texts[doc - first_doc_id], offsets, features)
         labels[lo:hi] = doc_labels[pos]
     return labels
+
+
+@dataclass(frozen=True)
+class RegexLabels:
+    """A ``Labeller`` of regex features: re-reads each document's text (``documents(start,
+    stop)`` gives documents ``[start, stop)``) and re-tokenises it with ``tokenizer``."""
+
+    features: Sequence[RegexFeature]
+    tokenizer: Any
+    documents: Callable[[int, int], Sequence[str]]
+    where: str = "shard"  # named in the error when a document re-tokenises differently
+    only_labelled: ClassVar[bool] = False
+
+    @property
+    def names(self) -> list[str]:
+        return [f.name for f in self.features]
+
+    def labels(self, rows: TokenRows) -> np.ndarray:
+        if len(rows) == 0:
+            return np.zeros((0, len(self.features)), dtype=bool)
+        first, last = int(rows.doc_id.min()), int(rows.doc_id.max())
+        texts = list(self.documents(first, last + 1))
+        return shard_regex_labels(self.tokenizer, texts, first, rows.doc_id, rows.position,
+                                  rows.token_id, list(self.features), self.where)

@@ -8,6 +8,7 @@ same counting with Ray Data for larger ones.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,7 @@ class StoreSearch:
         return ref
 
     def _sites(self, sites: list[str] | None) -> list[str]:
-        from codebook.extraction import check_site_names
+        from codebook.resolve import check_site_names
 
         return check_site_names(sites or None, self.meta.sites, "site")
 
@@ -109,13 +110,17 @@ class StoreSearch:
                         top: int = 20) -> list[dict[str, Any]]:
         """Codes that fire on ``token``, ranked by recall (share of its occurrences), with
         precision (share of the code's firings that are on this token)."""
+        from codebook.analysis.labels import TokenIds, TokenRows
+
         tid = self.token_id(token)
         sites = self._sites(sites)
         on_token = {s: np.zeros((self.meta.sites[s].groups, self.meta.sites[s].num_codes),
                                 dtype=np.int64) for s in sites}
         occurrences = 0
-        for table in self.store.iter_shards(["token_id", *(codes_column(s) for s in sites)]):
-            hit = table.column("token_id").to_numpy() == tid
+        labeller = TokenIds([tid])
+        for table in self.store.iter_shards(["doc_id", "position", "token_id",
+                                             *(codes_column(s) for s in sites)]):
+            hit = labeller.labels(TokenRows.from_table(table))[:, 0]
             occurrences += int(hit.sum())
             for s in sites:
                 info = self.meta.sites[s]
@@ -170,14 +175,18 @@ class StoreSearch:
         rows.sort(key=lambda r: (-r["precision"], -r["recall"], r["code"]))
         return rows[:top]
 
-    def _labels(self, table, features) -> tuple[np.ndarray, np.ndarray]:
-        from codebook.analysis.store_eval import regex_labels
+    def _labels(self, table: Any, features: list) -> tuple[np.ndarray, np.ndarray]:
+        from codebook.analysis.features import RegexLabels
+        from codebook.analysis.labels import TokenRows, label_rows
+        from codebook.corpus import read_documents
 
         if self.tokenizer is None:  # FSM: there is no text to match
             raise ConfigError("regex", "this store has no tokenizer (FSM tokens)",
                               "search FSM stores by token id or state with evaluate.py")
-        labels = regex_labels(table, self.meta.source, self.tokenizer, features)
-        return labels[:, 0], np.ones(table.num_rows, dtype=bool)
+        labeller = RegexLabels(features, self.tokenizer,
+                               functools.partial(read_documents, self.meta.source))
+        labels, mask = label_rows(labeller, TokenRows.from_table(table))
+        return labels[:, 0], mask
 
     def contexts(self, ref: CodeRef, n: int = 20, window: int = 10) -> list[dict[str, Any]]:
         """Up to ``n`` places where the code fires (at most 3 per document, spread over the
@@ -251,8 +260,10 @@ class StoreSearch:
         return weights[key].float().numpy()
 
 
-def _counts(table, meta, labels: np.ndarray, mask: np.ndarray, sites: list[str]
+def _counts(table: Any, meta: Any, labels: np.ndarray, mask: np.ndarray, sites: list[str]
             ) -> dict[str, Any]:
+    """``store_eval.count_partials`` for one feature (``labels`` (T,) bool): ``positives``
+    and per site ``joint/<site>`` (groups*num_codes,) and ``codes/<site>``."""
     from codebook.analysis.store_eval import count_partials
 
     part = count_partials(table, meta, labels.astype(bool)[:, None], mask, 1, sites, [])

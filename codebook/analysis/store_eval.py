@@ -13,50 +13,41 @@ combine them, and no process ever holds the whole store):
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from codebook.analysis.classifiers import _positives_needed, best_code_per_label
+from codebook.analysis.classifiers import best_code_per_label, code_feature_stats
+from codebook.analysis.labels import FSMStates, TokenRows, label_ids, label_rows
+from codebook.analysis.neurons import (
+    SIGNS,
+    choose_neurons,
+    count_at_or_above,
+    recall_thresholds,
+)
 from codebook.store import StoreMeta, acts_column, codes_column, list_to_numpy
 
 Partial = dict[str, Any]
 
 
 def fsm_labels(table: pa.Table, fsm: Any) -> tuple[np.ndarray, np.ndarray]:
-    """(T,) state label per token (-1: no state ends there) and the mask of labelled tokens."""
-    doc_ids = table.column("doc_id").to_numpy()
-    positions = table.column("position").to_numpy()
-    tokens = table.column("token_id").to_numpy()
-    labels = np.full(len(doc_ids), -1, dtype=np.int64)
-    bounds = np.flatnonzero(np.diff(doc_ids)) + 1
-    for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(doc_ids)], strict=True):
-        # whole sequences only, in position order (as extraction stores them)
-        if hi - lo == fsm.seq_len and np.array_equal(positions[lo:hi], np.arange(hi - lo)):
-            labels[lo:hi] = fsm.state_labels(tokens[lo:hi])
-    return labels, labels >= 0
+    """(T, states) bool labels of a shard's tokens (``labels.FSMStates``) and the (T,) mask
+    of the tokens counted: the state positions."""
+    return label_rows(FSMStates(fsm), TokenRows.from_table(table))
 
 
 def regex_labels(table: pa.Table, source: dict[str, Any], tokenizer: Any, features: list,
                  where: str = "shard") -> np.ndarray:
-    """(T, features) bool labels of a shard's tokens, from re-reading its source documents."""
-    from codebook.analysis.features import shard_regex_labels
-    from codebook.extraction import read_documents
+    """(T, features) bool labels of a shard's tokens, from re-reading its source documents
+    (``features.RegexLabels``)."""
+    from codebook.analysis.features import RegexLabels
+    from codebook.corpus import read_documents
 
-    docs = table.column("doc_id").to_numpy()
-    first, last = int(docs.min()), int(docs.max())
-    texts = read_documents(source, first, last + 1)
-    return shard_regex_labels(tokenizer, texts, first, docs, table.column("position").to_numpy(),
-                              table.column("token_id").to_numpy(), features, where)
-
-
-def _label_ids(labels: np.ndarray) -> np.ndarray:
-    """Labels as ids for ``code_feature_stats``: (T,) ints, or (T, F) bool -> (T, F) ids."""
-    if labels.dtype == bool:
-        return np.where(labels, np.arange(labels.shape[1])[None, :], -1)
-    return labels
+    labeller = RegexLabels(features, tokenizer, functools.partial(read_documents, source), where)
+    return labeller.labels(TokenRows.from_table(table))
 
 
 def _is_positive(labels: np.ndarray, feature: int) -> np.ndarray:
@@ -65,13 +56,12 @@ def _is_positive(labels: np.ndarray, feature: int) -> np.ndarray:
 
 def count_partials(table: pa.Table, meta: StoreMeta, labels: np.ndarray, mask: np.ndarray,
                    num_features: int, sites: list[str], activation_sites: list[str]) -> Partial:
-    """Pass 1 over one shard (see the module docstring). Keys: ``tokens``, ``label_counts``,
+    """Pass 1 over one shard (see the module docstring). ``labels``: a labeller's (T, F) bool
+    (or (T,) ids, -1 none); ``mask``: the tokens counted. Keys: ``tokens``, ``label_counts``,
     ``joint/<site>`` (groups*num_codes, F), ``codes/<site>`` (groups*num_codes,),
     ``pos/<site>/<feature>`` (positives, dim) float16."""
-    from codebook.analysis.classifiers import code_feature_stats
-
     labels, mask = labels[mask], np.asarray(mask, dtype=bool)
-    ids = _label_ids(labels)
+    ids = label_ids(labels) if labels.dtype == bool else labels
     counts = np.bincount(ids[ids >= 0], minlength=num_features)[:num_features]
     out: Partial = {"tokens": np.array([int(mask.sum())]), "label_counts": counts}
     for site in sites:
@@ -156,20 +146,18 @@ def _f1(p: float, r: float) -> float | None:
 def neuron_thresholds(merged: Partial, rows: list[dict[str, Any]],
                       activation_sites: list[str]) -> dict[str, np.ndarray]:
     """Per (site, feature, sign): each neuron's threshold at the best code's recall, and how
-    many positives reach it (``thr/...`` and ``pos_above/...``, both (dim,))."""
+    many positives reach it (``thr/...`` and ``pos_above/...``, both (dim,);
+    ``neurons.recall_thresholds``)."""
     out: dict[str, np.ndarray] = {}
     for row in rows:
         site, f = row["site"], row["feature_index"]
         key = f"pos/{site}/{f}"
         if site not in activation_sites or row["code_recall"] is None or key not in merged:
             continue
-        pos = merged[key].astype(np.float32)
-        m = _positives_needed(row["code_recall"], len(pos))
-        for sign in (1, -1):
-            signed = sign * pos
-            thr = np.partition(signed, len(pos) - m, axis=0)[len(pos) - m]
+        for sign in SIGNS:
+            thr, pos_above = recall_thresholds(merged[key], row["code_recall"], sign)
             out[f"thr/{site}/{f}/{sign}"] = thr
-            out[f"pos_above/{site}/{f}/{sign}"] = (signed >= thr[None, :]).sum(axis=0)
+            out[f"pos_above/{site}/{f}/{sign}"] = pos_above
     return out
 
 
@@ -185,27 +173,29 @@ def above_counts(table: pa.Table, mask: np.ndarray, thresholds: dict[str, np.nda
         if site not in cache:
             cache[site] = list_to_numpy(table.column(acts_column(site)))[mask].astype(
                 np.float32)
-        out[f"above/{site}/{f}/{sign}"] = (int(sign) * cache[site] >= thr[None, :]).sum(axis=0)
+        out[f"above/{site}/{f}/{sign}"] = count_at_or_above(cache[site], thr, int(sign))
     return out
 
 
 def neuron_rows(rows: list[dict[str, Any]], thresholds: dict[str, np.ndarray],
                 above: Partial) -> None:
     """Fill each row's best neuron at matched recall (``neuron``, ``neuron_sign``,
-    ``neuron_threshold``, ``neuron_precision``; None where no activations were stored)."""
+    ``neuron_threshold`` in activation units, ``neuron_precision``; None where no activations
+    were stored) with ``neurons.choose_neurons``."""
     for row in rows:
         row.update(neuron=None, neuron_sign=None, neuron_threshold=None, neuron_precision=None)
-        best = -1.0
-        for sign in (1, -1):
+        candidates = []
+        for sign in SIGNS:
             key = f"{row['site']}/{row['feature_index']}/{sign}"
-            if f"thr/{key}" not in thresholds:
-                continue
-            precision = thresholds[f"pos_above/{key}"] / np.maximum(above[f"above/{key}"], 1)
-            j = int(np.argmax(precision))
-            if precision[j] > best:
-                best = float(precision[j])
-                row.update(neuron=j, neuron_sign=sign, neuron_precision=best,
-                           neuron_threshold=float(sign * thresholds[f"thr/{key}"][j]))
+            if f"thr/{key}" in thresholds:
+                precision = thresholds[f"pos_above/{key}"] / np.maximum(above[f"above/{key}"], 1)
+                candidates.append((sign, precision, thresholds[f"thr/{key}"]))
+        if candidates:
+            best = choose_neurons(candidates)
+            sign = int(best["sign"])
+            row.update(neuron=int(best["neuron"]), neuron_sign=sign,
+                       neuron_precision=float(best["precision"]),
+                       neuron_threshold=float(sign * best["threshold"]))
 
 
 def feature_summary(rows: list[dict[str, Any]], sites: list[str] | None = None

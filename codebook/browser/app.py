@@ -261,7 +261,7 @@ class BoundedStoreSearch(StoreSearch):
     def _scan_shard(self, table, feature, scan: ScanBudget) -> tuple[np.ndarray, np.ndarray]:
         """(labels, mask) of a shard's rows: mask marks the rows of the documents matched."""
         from codebook.analysis.features import shard_regex_labels
-        from codebook.extraction import read_documents
+        from codebook.corpus import read_documents
 
         docs = table.column("doc_id").to_numpy()
         labels = np.zeros(len(docs), dtype=bool)
@@ -437,7 +437,7 @@ def create_app(store: str | Path, model_path: str | None = None, *, host: str = 
         try:
             if "model" not in state:
                 from codebook.data.text import load_tokenizer
-                from codebook.extraction import load_extraction_model
+                from codebook.resolve import load_extraction_model
 
                 state["model"] = load_extraction_model(model_path or search.meta.model)
                 state["tokenizer"] = load_tokenizer(search.meta.tokenizer)

@@ -1,6 +1,6 @@
 """The one training loop in this process, without Ray: one rank, checkpoints in a folder, metrics
 as JSON lines. For machines without Ray (a lone GPU box), benchmarks and tests; the Ray
-pipeline (``pipelines/launch.py``) runs the same ``train`` with Ray Train's reporter.
+pipeline (``codebook.ray_glue.train``) runs the same ``train`` with Ray Train's reporter.
 """
 
 from __future__ import annotations

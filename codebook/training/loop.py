@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from codebook.checkpoint import HF_DIR, STATE_FILE
 from codebook.errors import TrainingDiverged
@@ -291,7 +292,9 @@ def kmeans_init(model: CodebookModel, batches: list[Batch], engine, cfg: TrainCo
     model.eval()
     gen = torch.Generator(device=workers.device).manual_seed(cfg.run.seed)
     with model.codebooks_disabled():
-        for name in model.codebooks:  # forward order (resolve_sites)
+        # forward order (resolve_sites); a progress bar on rank 0's terminal
+        for name in tqdm(list(model.codebooks), desc="k-means init", unit="site",
+                         disable=None if workers.rank == 0 else True):
             layer = model.codebooks[name]
             with recording(model, [name], activations=True) as rec:
                 for batch in batches:
