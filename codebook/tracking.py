@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
+
+
+def default_tracking_uri(explicit: str | None, folder: str | Path) -> str:
+    """The MLflow store: ``explicit``, else ``$MLFLOW_TRACKING_URI``, else a sqlite file
+    ``mlflow.db`` in ``folder`` (the run storage, the code store, the output folder)."""
+    uri = explicit or os.environ.get("MLFLOW_TRACKING_URI")
+    return uri or f"sqlite:///{Path(folder).resolve() / 'mlflow.db'}"
 
 
 class MLflowLogger:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ import numpy as np  # noqa: E402
 
 from codebook.errors import ConfigError  # noqa: E402
 from codebook.store import CodeStore, read_token_file  # noqa: E402
+from codebook.tracking import default_tracking_uri  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -256,8 +256,7 @@ def write_results(result: dict[str, Any], out: Path, store: CodeStore,
                            "--activations SITE to get the neuron baseline")
     with atomic_write(out / "summary.json") as fh:
         json.dump(summary, fh, indent=2)
-    uri = (args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-           or f"sqlite:///{store.root / 'mlflow.db'}")
+    uri = default_tracking_uri(args.tracking_uri, store.root)
     params = {"store": str(store.root), "model": store.meta.model,
               "min_recall": str(args.min_recall), "sites": ",".join(sorted({r["site"]
                                                                             for r in rows}))}

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -39,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from codebook.errors import ConfigError  # noqa: E402
 from codebook.topics import load_topics  # noqa: E402
+from codebook.tracking import default_tracking_uri  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -144,8 +144,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         from codebook.data.text import load_tokenizer
         from codebook.resolve import load_extraction_model, resolve_model
 
-        uri = (args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-               or f"sqlite:///{out / 'mlflow.db'}")
+        uri = default_tracking_uri(args.tracking_uri, out)
         model_path = resolve_model(args.model, out / "model", uri)
         tokenizer = load_tokenizer(args.tokenizer or model_path)
         model = load_extraction_model(model_path)

@@ -27,7 +27,6 @@ import json
 import math
 import os
 import re
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -37,14 +36,11 @@ import yaml
 from codebook.errors import ConfigError
 from codebook.schema import build, read_yaml
 from codebook.training.config import TrainConfig, load_config
+from codebook.training.metric_names import REPORTED_NAMES
 
 REPO = Path(__file__).resolve().parents[1]
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
-# What the training loop reports to Ray Train at each checkpoint (the Ray reporter).
-Metric = Literal["eval_loss", "eval_accuracy", "train_loss", "train_lm_loss", "train_recon_loss",
-                 "train_codebook_dead_code_fraction", "tokens_per_s"]
-METRICS = typing.get_args(Metric)
 SCHEDULERS = ("asha", "fifo")
 # Set by the sweep itself for every trial; searching or overriding them makes no sense.
 RESERVED = {
@@ -94,7 +90,7 @@ class SweepFile:
     name: str | None = None
     overrides: list[str] = field(default_factory=list)
     num_samples: int = 1
-    metric: Metric = "eval_loss"
+    metric: str = "eval_loss"  # one of REPORTED_NAMES
     mode: Literal["min", "max"] = "min"
     scheduler: dict[str, AshaFile | None] | Literal["fifo"] | None = None
     max_concurrent_trials: int | None = None
@@ -297,6 +293,9 @@ def load_spec(path: str | Path, name: str | None = None) -> SweepSpec:
         base = load_config(base_path, file.overrides)
     except ConfigError as err:
         raise ConfigError(f"base_config/overrides: {err.field}", err.problem, err.fix) from err
+    if file.metric not in REPORTED_NAMES:
+        raise ConfigError("metric", f"got {file.metric!r}",
+                          f"use a metric the training loop reports: {list(REPORTED_NAMES)}")
     for key in ("num_samples", "max_concurrent_trials"):
         value = getattr(file, key)
         if value is not None and value < 1:

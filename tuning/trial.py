@@ -18,15 +18,9 @@ from typing import Any
 from ray.tune import Callback
 from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 
-from codebook.training.loop import HF_DIR, STATE_FILE
+from codebook.checkpoint import HF_DIR, STATE_FILE
+from codebook.training.metric_names import reported
 from tuning.spec import trial_config
-
-# MLflow metric names (the training loop's) -> the names reported to Ray Train / Tune.
-REPORTED = {"train/loss": "train_loss", "train/lm_loss": "train_lm_loss",
-            "train/recon_loss": "train_recon_loss", "eval/loss": "eval_loss",
-            "eval/accuracy": "eval_accuracy",
-            "train/codebook/dead_code_fraction": "train_codebook_dead_code_fraction",
-            "tokens_per_s": "tokens_per_s"}
 
 
 def run_name(sweep: str, trial_id: str) -> str:
@@ -85,7 +79,7 @@ def _report_finished(cfg, id_file: Path, checkpoint: Path) -> None:
     if id_file.is_file():
         run_id = id_file.read_text().strip()
         run = MlflowClient(cfg.tracking_uri()).get_run(run_id)
-        metrics.update({REPORTED[k]: v for k, v in run.data.metrics.items() if k in REPORTED})
+        metrics.update(reported(run.data.metrics))
         if run.info.status != "FINISHED":  # killed between the last checkpoint and finish_run
             artifacts = {"model": checkpoint / HF_DIR} if cfg.mlflow.log_model else None
             finish_run(cfg.tracking_uri(), run_id, artifacts=artifacts)

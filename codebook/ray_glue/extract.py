@@ -21,6 +21,7 @@ from codebook.errors import ConfigError
 from codebook.extraction import plan_shards
 from codebook.resolve import check_site_names, resolve_model, site_infos
 from codebook.store import CodeStore, StoreMeta
+from codebook.tracking import default_tracking_uri
 
 
 @dataclass
@@ -152,8 +153,7 @@ def prepare(opts: ExtractOptions) -> tuple[CodeStore, str, list[dict[str, int]]]
 
 def tracking_uri(opts: ExtractOptions, out: Path) -> str:
     """The MLflow store: the option, else $MLFLOW_TRACKING_URI, else sqlite in the store."""
-    return (opts.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-            or f"sqlite:///{out / 'mlflow.db'}")
+    return default_tracking_uri(opts.tracking_uri, out)
 
 
 def run_extraction(store: CodeStore, model_path: str, pending: list[dict[str, int]],

@@ -24,6 +24,7 @@ from codebook.ray_glue.data import text_datasets, worker_loop_data
 from codebook.tracking import MLflowLogger, finish_run, start_run
 from codebook.training.config import TrainConfig, build
 from codebook.training.loop import HF_DIR, STATE_FILE, Workers, train
+from codebook.training.metric_names import reported
 
 MLFLOW_ID_FILE = "mlflow_run_id"
 TORCH_THREADS_METRIC = "system/torch_threads"
@@ -48,10 +49,7 @@ class RayReporter:
     def checkpoint(self, step: int, metrics: dict[str, float], directory: Path) -> None:
         import ray.train
 
-        keep = ("train/loss", "train/lm_loss", "train/recon_loss", "eval/loss", "eval/accuracy",
-                "train/codebook/dead_code_fraction", "tokens_per_s")
-        payload = {k.replace("/", "_"): metrics[k] for k in keep if k in metrics}
-        payload["step"] = step
+        payload = {**reported(metrics), "step": step}
         ray.train.report(payload, checkpoint=ray.train.Checkpoint.from_directory(str(directory)))
 
 

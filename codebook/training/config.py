@@ -146,8 +146,9 @@ class TrainConfig:
         return self.run.name
 
     def tracking_uri(self) -> str:
-        uri = self.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-        return uri or f"sqlite:///{self.storage_path / 'mlflow.db'}"
+        from codebook.tracking import default_tracking_uri
+
+        return default_tracking_uri(self.mlflow.tracking_uri, self.storage_path)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -24,6 +24,7 @@ from codebook.checkpoint import HF_DIR, STATE_FILE
 from codebook.errors import TrainingDiverged
 from codebook.io import atomic_write
 from codebook.model import CodebookModel
+from codebook.training import metric_names as names
 from codebook.training.config import TrainConfig
 from codebook.training.engine import make_engine
 
@@ -157,8 +158,9 @@ def train(cfg: TrainConfig, data: LoopData, reporter: Reporter, workers: Workers
         if logs:
             losses = _mean_across(loss_sum / (window_steps * accum))
             elapsed = time.perf_counter() - t0
-            metrics = {"train/loss": losses[0], "train/lm_loss": losses[1],
-                       "train/recon_loss": losses[2], "tokens_per_s": window_tokens / elapsed,
+            metrics = {names.TRAIN_LOSS: losses[0], names.TRAIN_LM_LOSS: losses[1],
+                       names.TRAIN_RECON_LOSS: losses[2],
+                       names.TOKENS_PER_S: window_tokens / elapsed,
                        "lr": engine.optimizer.param_groups[0]["lr"],  # the codebooks'
                        "k": float(model.codebook_config.k_at(state.step))}
             metrics.update({f"lr/{g.get('name', i)}": g["lr"]
@@ -174,7 +176,7 @@ def train(cfg: TrainConfig, data: LoopData, reporter: Reporter, workers: Workers
                 reporter.log(state.step, metrics)
                 print(f"step {state.step}/{cfg.run.max_steps} loss {losses[0]:.4f} "
                       f"lm {losses[1]:.4f} recon {losses[2]:.4f} "
-                      f"{metrics['tokens_per_s']:.0f} tok/s "
+                      f"{metrics[names.TOKENS_PER_S]:.0f} tok/s "
                       f"ETA {rate * (cfg.run.max_steps - state.step):.0f}s", flush=True)
             last.update(metrics)
             loss_sum.zero_()
@@ -198,7 +200,8 @@ def train(cfg: TrainConfig, data: LoopData, reporter: Reporter, workers: Workers
             last_good = state.step
         t0 += time.perf_counter() - paused
     return {"steps": state.step, "tokens": state.tokens,
-            "final_train_loss": last.get("train/loss"), "final_eval_loss": last.get("eval/loss"),
+            "final_train_loss": last.get(names.TRAIN_LOSS),
+            "final_eval_loss": last.get(names.EVAL_LOSS),
             "metrics": last}
 
 
@@ -223,7 +226,7 @@ def evaluate(model: CodebookModel, batches: Iterable[Batch], workers: Workers) -
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(totals)
     nll, correct, count = totals.tolist()
-    result = {"eval/loss": nll / max(count, 1), "eval/accuracy": correct / max(count, 1)}
+    result = {names.EVAL_LOSS: nll / max(count, 1), names.EVAL_ACCURACY: correct / max(count, 1)}
     result.update({f"eval/{k}": v for k, v in model.metrics(reset=True).items()})
     return result
 
