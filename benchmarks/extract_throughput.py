@@ -84,12 +84,12 @@ def plain_loop(opts: ExtractOptions, threads: int) -> dict:
     """The same shards in one process, one after another."""
     from codebook.data.text import load_tokenizer
     from codebook.extraction import extract_shards
-    from codebook.resolve import load_extraction_model
+    from codebook.resolve import load_trained_model
 
     torch.set_num_threads(threads)
     store, model_path, pending = prepare(opts)
     meta = store.meta
-    model = load_extraction_model(model_path)
+    model = load_trained_model(model_path)
     tokenizer = load_tokenizer(meta.tokenizer)
     t0 = time.perf_counter()
     finished = []

@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from codebook.data.text import load_tokenizer  # noqa: E402
-from codebook.resolve import load_extraction_model, resolve_model  # noqa: E402
+from codebook.resolve import load_trained_model, resolve_model  # noqa: E402
 from codebook.steering import (  # noqa: E402
     count_codes,
     find_codes_by_effect,
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     spec = load_topics(args.topics, None)
     path = resolve_model(args.model, Path("steering-probe") / "model", None)
     tokenizer = load_tokenizer(args.tokenizer or path)
-    model = load_extraction_model(path)
+    model = load_trained_model(path)
     sites = list(model.codebooks)
     k = min(model.codebooks[s].k for s in sites)
     text = Path(args.text).read_text() if args.text else spec["background"][0]

@@ -3,7 +3,7 @@ steering and the browser.
 
 A reference is an MLflow URI (downloaded once), a training checkpoint (its ``hf/`` folder), a
 saved codebook model folder or a hub name; ``codebook.checkpoint`` checks the folders.
-``site_infos`` reads a saved model's sites from its configs alone, ``load_extraction_model``
+``site_infos`` reads a saved model's sites from its configs alone, ``load_trained_model``
 loads it at the k its training reached.
 """
 
@@ -13,7 +13,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from codebook.checkpoint import STATE_FILE
 from codebook.errors import ConfigError
+from codebook.model import CODEBOOK_CONFIG_FILE, CODEBOOK_WEIGHTS_FILE, K_IN_FORCE
 from codebook.store import SiteInfo
 
 
@@ -47,17 +49,27 @@ def site_infos(model_path: str) -> dict[str, SiteInfo]:
     from codebook.config import CodebookConfig
     from codebook.sites import resolve_sites
 
-    cb = CodebookConfig.load(Path(model_path) / "codebook_config.json")
-    sites = resolve_sites(AutoConfig.from_pretrained(model_path), cb)
-    k = cb.k_at(trained_steps(model_path))
-    return {s.name: SiteInfo(groups=s.groups, k=k, num_codes=cb.num_codes, dim=s.dim)
+    settings = CodebookConfig.load(Path(model_path) / CODEBOOK_CONFIG_FILE)
+    sites = resolve_sites(AutoConfig.from_pretrained(model_path), settings)
+    k = saved_k(model_path) or settings.k_at(trained_steps(model_path))
+    return {s.name: SiteInfo(groups=s.groups, k=k, num_codes=settings.num_codes, dim=s.dim)
             for s in sites}
+
+
+def saved_k(model_path: str) -> int | None:
+    """The k in force when the model was saved (its codebooks file records it), or None for
+    models saved before it was recorded."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(model_path) / CODEBOOK_WEIGHTS_FILE), framework="pt") as fh:
+        value = (fh.metadata() or {}).get(K_IN_FORCE)
+    return int(value) if value is not None else None
 
 
 def trained_steps(model_path: str) -> int:
     """The optimizer step a checkpoint's ``hf/`` folder was saved at (its trainer state);
     a model folder without one counts as fully trained (the k schedule's final k)."""
-    state = Path(model_path).parent / "trainer_state.json"
+    state = Path(model_path).parent / STATE_FILE
     if state.is_file():
         return int(json.loads(state.read_text()).get("step", 0))
     return 10**12
@@ -75,11 +87,12 @@ def check_site_names(requested: list[str] | None, available: dict[str, SiteInfo]
     return list(requested)
 
 
-def load_extraction_model(model_path: str, device: str = "cpu") -> Any:
-    """The codebook model for extraction, in eval mode, at its final k (read from the
-    checkpoint's trainer state when there is one)."""
+def load_trained_model(model_path: str, device: str = "cpu") -> Any:
+    """A trained codebook model (extraction, steering, the browser), in eval mode, at the k it
+    was saved with (older files: the k schedule's value at the checkpoint's step)."""
     from codebook.model import CodebookModel
 
     model = CodebookModel.from_pretrained(model_path).to(device).eval()
-    model.set_step(trained_steps(model_path))
+    if saved_k(model_path) is None:
+        model.set_step(trained_steps(model_path))
     return model

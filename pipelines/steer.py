@@ -142,12 +142,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if value < 1:
                 raise ConfigError(name, f"must be >= 1, got {value}", "pass a positive number")
         from codebook.data.text import load_tokenizer
-        from codebook.resolve import load_extraction_model, resolve_model
+        from codebook.resolve import load_trained_model, resolve_model
 
         uri = default_tracking_uri(args.tracking_uri, out)
         model_path = resolve_model(args.model, out / "model", uri)
         tokenizer = load_tokenizer(args.tokenizer or model_path)
-        model = load_extraction_model(model_path)
+        model = load_trained_model(model_path)
         if args.select == "effect":  # the topic's words, as single tokens, before any work
             from codebook.steering import topic_token_ids
 

@@ -67,12 +67,12 @@ def build_store(model_dir: Path, corpus: Path, out: Path, **options):
     from codebook.data.text import load_tokenizer
     from codebook.extraction import extract_shards
     from codebook.ray_glue.extract import ExtractOptions, prepare
-    from codebook.resolve import load_extraction_model
+    from codebook.resolve import load_trained_model
 
     opts = ExtractOptions(model=str(model_dir), out=str(out), source="text",
                           paths=[str(corpus)], block_size=64, docs_per_shard=6, **options)
     store, model_path, pending = prepare(opts)
-    model = load_extraction_model(model_path)
+    model = load_trained_model(model_path)
     tokenizer = load_tokenizer(store.meta.tokenizer)
     for _ in extract_shards(model, store, pending, tokenizer):
         pass

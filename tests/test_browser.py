@@ -24,7 +24,7 @@ from train_helpers import REPO
 from codebook.analysis.search import CodeRef, StoreSearch
 from codebook.browser import create_app
 from codebook.data.text import load_tokenizer
-from codebook.resolve import load_extraction_model
+from codebook.resolve import load_trained_model
 from codebook.steering import generate
 
 MONTHS = r"\b(January|February|March|April|May|June|July)\b"
@@ -122,7 +122,7 @@ def test_regex_search_then_code_contexts_and_steering(served, browser):
     browser.find_element(By.ID, "prompt").send_keys("the king went")
     browser.find_element(By.ID, "steer").click()
     wait_for(lambda: browser.find_element(By.ID, "steered").text not in ("", "..."))
-    model = load_extraction_model(str(served["root"] / "model"))
+    model = load_trained_model(str(served["root"] / "model"))
     tok = load_tokenizer(str(served["root"] / "model"))
     ref = CodeRef.parse(expected[0]["code"])
     kwargs = {"max_new_tokens": 20, "do_sample": False}

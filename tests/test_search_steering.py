@@ -17,7 +17,7 @@ from corpus_helpers import build_store, make_corpus, save_bpe_tokenizer, save_ti
 from codebook.analysis.search import CodeRef, StoreSearch
 from codebook.data.text import load_tokenizer
 from codebook.errors import ConfigError
-from codebook.resolve import load_extraction_model
+from codebook.resolve import load_trained_model
 from codebook.steering import (
     count_codes,
     find_topic_codes,
@@ -128,7 +128,7 @@ def test_topic_finder_ranks_a_planted_code_first():
 @pytest.fixture(scope="module")
 def model_and_tok(setup):
     model_dir = setup["root"] / "model"
-    return load_extraction_model(str(model_dir)), load_tokenizer(str(model_dir))
+    return load_trained_model(str(model_dir)), load_tokenizer(str(model_dir))
 
 
 def test_forcing_a_code_changes_greedy_generation_deterministically(model_and_tok):
@@ -191,7 +191,7 @@ def test_steer_pipeline_reports_rates_and_logs_samples(setup, tmp_path):
                               "--out", str(tmp_path / "out")])
     (row,) = summary["topics"]
     assert row["topic"] == "dragon" and 1 <= len(row["codes_used"]) <= 3
-    k = min(layer.k for layer in load_extraction_model(str(setup["root"] / "model")
+    k = min(layer.k for layer in load_trained_model(str(setup["root"] / "model")
                                                        ).codebooks.values())
     groups = [name.rsplit(".", 1)[0] for name in row["codes_used"]]
     assert max(groups.count(g) for g in groups) <= k  # default overwrite mode: <= k per group
@@ -234,7 +234,7 @@ def test_steering_probe_benchmark_prints_mass_ratios_per_topic(setup, tmp_path):
     months, none = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert months["topic_tokens"] > 0 and 0 < months["base_mass"] < 1
     # unsteered mass on the topic's own text: the library's topic_mass, computed here apart
-    model = load_extraction_model(str(setup["root"] / "model"))
+    model = load_trained_model(str(setup["root"] / "model"))
     tok = load_tokenizer(str(setup["root"] / "model"))
     text = "in May and June, then July and August, May again"
     ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"][:, :32]

@@ -437,9 +437,9 @@ def create_app(store: str | Path, model_path: str | None = None, *, host: str = 
         try:
             if "model" not in state:
                 from codebook.data.text import load_tokenizer
-                from codebook.resolve import load_extraction_model
+                from codebook.resolve import load_trained_model
 
-                state["model"] = load_extraction_model(model_path or search.meta.model)
+                state["model"] = load_trained_model(model_path or search.meta.model)
                 state["tokenizer"] = load_tokenizer(search.meta.tokenizer)
             model, tok = state["model"], state["tokenizer"]
             base = guarded(generate, model, tok, [req.prompt], **kwargs)[0]["text"]

@@ -86,12 +86,12 @@ class _ExtractShard:
                  use_gpu: bool):
         import torch
 
-        from codebook.resolve import load_extraction_model
+        from codebook.resolve import load_trained_model
 
         if not use_gpu:
             torch.set_num_threads(threads)
         self.device = "cuda" if use_gpu else "cpu"
-        self.model = load_extraction_model(model_path, self.device)
+        self.model = load_trained_model(model_path, self.device)
         self.store = CodeStore(store_root)
         self.batch_size = batch_size
 
