@@ -109,13 +109,6 @@ class CodebookModel(nn.Module):
             return self.codebooks[name](output, self._positions)
         return hook
 
-    def remove_hooks(self) -> nn.Module:
-        """Detach all hooks and return the bare HF model (codebooks no longer applied)."""
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
-        return self.model
-
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 **kwargs: Any) -> CodebookOutput:

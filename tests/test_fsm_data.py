@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from codebook.data.fsm import FSMConfig, TokFSM, row_hashes
 
@@ -145,12 +146,14 @@ def test_train_batch_deterministic_per_step(fsm: TokFSM) -> None:
     assert np.array_equal(fsm.train_batch(5, 32, seed=0), b5)
     assert not np.array_equal(fsm.train_batch(6, 32, seed=0), b5)
     assert not np.array_equal(fsm.train_batch(5, 32, seed=1), b5)
-    # A resumed stream yields the same batches as an uninterrupted one.
-    full = fsm.train_stream(8, seed=3)
-    uninterrupted = [next(full) for _ in range(6)]
-    resumed = fsm.train_stream(8, seed=3, start_step=4)
-    assert np.array_equal(next(resumed), uninterrupted[4])
-    assert np.array_equal(next(resumed), uninterrupted[5])
+    # The training loop's stream: a resumed one yields what an uninterrupted one would.
+    from codebook.data.sources import fsm_train_batches
+
+    full = fsm_train_batches(fsm, 8, seed=3, start=0, rank=0, world_size=1, eval_size=16)
+    uninterrupted = [next(full)["input_ids"] for _ in range(6)]
+    resumed = fsm_train_batches(fsm, 8, seed=3, start=4, rank=0, world_size=1, eval_size=16)
+    assert torch.equal(next(resumed)["input_ids"], uninterrupted[4])
+    assert torch.equal(next(resumed)["input_ids"], uninterrupted[5])
 
 
 def test_train_excludes_eval(fsm: TokFSM) -> None:

@@ -19,7 +19,6 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -281,20 +280,6 @@ class TokFSM:
             refill = self.sample_tokens(int((~keep).sum()), rng)
             batch = np.concatenate([batch[keep], refill])
         raise RuntimeError("train_batch: could not avoid the excluded set; is it the whole space?")
-
-    def train_stream(
-        self,
-        batch_size: int,
-        seed: int | None = None,
-        exclude: set[bytes] | None = None,
-        start_step: int = 0,
-    ) -> Iterator[np.ndarray]:
-        """Infinite iterator of :meth:`train_batch` for steps ``start_step, start_step+1, ...``;
-        resume a run at step ``s`` with ``start_step=s``."""
-        step = start_step
-        while True:
-            yield self.train_batch(step, batch_size, seed=seed, exclude=exclude)
-            step += 1
 
     # ---------------------------------------------------------------- metric
     def first_transition_accuracy(
