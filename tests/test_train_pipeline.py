@@ -124,6 +124,34 @@ def test_bad_input_fails_before_workers_start(local_ray, tmp_path):
         fit(load_config(FSM_CONFIG, tiny_overrides(tmp_path, "fresh")), resume=True)
 
 
+def test_worker_config_error_reaches_the_driver_as_itself(local_ray, tmp_path):
+    """A ConfigError raised inside a Ray Train worker comes back as the same error (it
+    survives pickling) and is not retried."""
+    cfg = load_config(FSM_CONFIG, tiny_overrides(
+        tmp_path, "badmodel", **{"model.from_config.model_type": "null", "run.max_failures": 3}))
+    with pytest.raises(ConfigError, match="model.from_config.model_type: missing"):
+        fit(cfg)
+
+
+def test_divergence_stops_the_job_at_once_with_the_last_good_checkpoint(local_ray, tmp_path):
+    from codebook.errors import TrainingDiverged
+
+    cfg = load_config(FSM_CONFIG, tiny_overrides(
+        tmp_path, "diverged", **{"codebook.start_step": 0, "run.max_steps": 40,
+                                 "run.log_every": 1, "run.checkpoint_every": 1,
+                                 "run.max_nonfinite_steps": 3, "optim.lr": 1e30,
+                                 "run.max_failures": 2}))
+    with pytest.raises(TrainingDiverged) as info:
+        fit(cfg)
+    assert info.value.last_good_checkpoint.startswith(str(cfg.run_dir))  # step 1's folder
+    run = runs_in(cfg)[0]
+    losses = history(cfg, run.info.run_id, "train/loss")
+    steps = [s for s, _ in losses]
+    assert steps == [1, 2, 3, 4]  # one attempt: a retry would log steps 1.. again
+    assert all(v != v for _, v in losses[1:])  # NaN logged as it is
+    assert run.info.status == "FAILED"
+
+
 def test_losing_a_worker_node_restores_from_the_last_checkpoint(tmp_path):
     from ray.cluster_utils import Cluster
 
@@ -133,7 +161,7 @@ def test_losing_a_worker_node_restores_from_the_last_checkpoint(tmp_path):
         doomed = cluster.add_node(num_cpus=1)
         ray.init(address=cluster.address)
         cfg = load_config(FSM_CONFIG, tiny_overrides(
-            tmp_path, "ft", **{"run.max_steps": 300, "run.checkpoint_every": 20,
+            tmp_path, "ft", **{"run.max_steps": 600, "run.checkpoint_every": 20,
                                "run.log_every": 10, "run.eval_every": 100,
                                "run.cpus_per_worker": 1, "run.max_failures": 3,
                                "deepspeed.enabled": False, "codebook.start_step": 10,
@@ -158,11 +186,13 @@ def test_losing_a_worker_node_restores_from_the_last_checkpoint(tmp_path):
         cluster.add_node(num_cpus=1)
         cluster.remove_node(doomed)
         thread.join(timeout=400)
-        assert result.get("steps") == 300
+        assert result.get("steps") == 600
         steps = [s for s, _ in history(cfg, result["mlflow_run_id"], "train/loss")]
-        repeated = sorted({s for s in steps if steps.count(s) > 1})
-        assert repeated, "the run never restarted"
-        assert min(repeated) > 20  # restored from a checkpoint, not from step 0
+        resumed = [v for _, v in history(cfg, result["mlflow_run_id"],
+                                         "train/resumed_from_step")]
+        assert resumed, "the run never restarted"
+        assert min(resumed) >= 20  # restored from a checkpoint, not from step 0
+        assert steps[-1] == 600
         assert len(runs_in(cfg)) == 1
         # the codebooks were on, and the restart did not re-run k-means (state restored)
         assert {s for s, _ in history(cfg, result["mlflow_run_id"],
@@ -234,31 +264,3 @@ def test_train_script_prints_each_progress_line_once(tmp_path):
     assert done.returncode == 0, output[-3000:]
     progress = re.findall(r"step (\d+)/4 loss", output)
     assert progress == ["1", "2", "3", "4"], output[-3000:]
-
-
-def test_worker_config_error_reaches_the_driver_as_itself(local_ray, tmp_path):
-    """A ConfigError raised inside a Ray Train worker comes back as the same error (it
-    survives pickling) and is not retried."""
-    cfg = load_config(FSM_CONFIG, tiny_overrides(
-        tmp_path, "badmodel", **{"model.from_config.model_type": "null", "run.max_failures": 3}))
-    with pytest.raises(ConfigError, match="model.from_config.model_type: missing"):
-        fit(cfg)
-
-
-def test_divergence_stops_the_job_at_once_with_the_last_good_checkpoint(local_ray, tmp_path):
-    from codebook.errors import TrainingDiverged
-
-    cfg = load_config(FSM_CONFIG, tiny_overrides(
-        tmp_path, "diverged", **{"codebook.start_step": 0, "run.max_steps": 40,
-                                 "run.log_every": 1, "run.checkpoint_every": 1,
-                                 "run.max_nonfinite_steps": 3, "optim.lr": 1e30,
-                                 "run.max_failures": 2}))
-    with pytest.raises(TrainingDiverged) as info:
-        fit(cfg)
-    assert info.value.last_good_checkpoint.startswith(str(cfg.run_dir))  # step 1's folder
-    run = runs_in(cfg)[0]
-    losses = history(cfg, run.info.run_id, "train/loss")
-    steps = [s for s, _ in losses]
-    assert steps == [1, 2, 3, 4]  # one attempt: a retry would log steps 1.. again
-    assert all(v != v for _, v in losses[1:])  # NaN logged as it is
-    assert run.info.status == "FAILED"

@@ -103,6 +103,8 @@ def train(cfg: TrainConfig, data: LoopData, reporter: Reporter, workers: Workers
     if resume_dir is not None:
         engine.load(resume_dir)
         state = TrainState(**json.loads((resume_dir / STATE_FILE).read_text()))
+        if workers.rank == 0:  # every restart shows in the run's metrics
+            reporter.log(state.step, {"train/resumed_from_step": float(state.step)})
     model = engine.module
     model.train()
     model.set_step(state.step)
