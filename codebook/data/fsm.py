@@ -142,10 +142,6 @@ class TokFSM:
         """Tokens per sequence: BOS + trajectory_states * digits_per_state (129 by default)."""
         return 1 + self.config.trajectory_states * self.digits_per_state
 
-    def transition_matrix(self) -> np.ndarray:
-        """(num_states, num_states) float64 next-state probabilities (uniform over edges)."""
-        return self.adjacency.astype(np.float64) / self.num_edges
-
     # ------------------------------------------------------------ tokenising
     def encode_states(self, states: np.ndarray) -> np.ndarray:
         """States ``(..., L)`` -> digit tokens ``(..., L * D)``, most significant digit first."""
@@ -221,20 +217,6 @@ class TokFSM:
         labels = np.full(tokens.shape, -1, dtype=np.int64)
         labels[..., self.state_label_positions(states.shape[-1])] = states
         return labels
-
-    def is_valid_transition(self, a: Any, b: Any) -> Any:
-        """Whether ``a -> b`` is an edge (``bool`` for scalars, a bool array for arrays)."""
-        a_arr, b_arr = np.asarray(a), np.asarray(b)
-        out_of_range = (a_arr < 0) | (a_arr >= self.num_states) | (b_arr < 0)
-        out_of_range = out_of_range | (b_arr >= self.num_states)
-        result = np.where(
-            out_of_range,
-            False,
-            self.adjacency[
-                np.clip(a_arr, 0, self.num_states - 1), np.clip(b_arr, 0, self.num_states - 1)
-            ],
-        )
-        return bool(result) if result.ndim == 0 else result
 
     # ----------------------------------------------------------------- split
     def _eval_rng(self, block: int) -> np.random.Generator:
