@@ -156,24 +156,7 @@ class StoreSearch:
             table = self.store.read_shard(path)
             labels, mask = self._labels(table, [feature])
             merged = merge_partials(merged, _counts(table, self.meta, labels, mask, sites))
-        positives = int(merged["positives"])
-        if positives == 0:
-            return []
-        rows = []
-        for s in sites:
-            info = self.meta.sites[s]
-            joint, firings = merged[f"joint/{s}"], merged[f"codes/{s}"]
-            for flat in np.flatnonzero(joint):
-                p, r = joint[flat] / firings[flat], joint[flat] / positives
-                if r < min_recall:
-                    continue
-                rows.append({"code": CodeRef(s, int(flat // info.num_codes),
-                                             int(flat % info.num_codes)).name,
-                             "precision": float(p), "recall": float(r),
-                             "f1": float(2 * p * r / (p + r)), "count": int(joint[flat]),
-                             "positives": positives})
-        rows.sort(key=lambda r: (-r["precision"], -r["recall"], r["code"]))
-        return rows[:top]
+        return rank_codes(merged, self.meta, sites, min_recall, top)
 
     def _labels(self, table: Any, features: list) -> tuple[np.ndarray, np.ndarray]:
         from codebook.analysis.features import RegexLabels
@@ -272,3 +255,26 @@ def _counts(table: Any, meta: Any, labels: np.ndarray, mask: np.ndarray, sites: 
         part[f"joint/{s}"] = part[f"joint/{s}"][:, 0]
     return part
 
+
+def rank_codes(merged: dict[str, Any], meta: Any, sites: list[str], min_recall: float,
+               top: int) -> list[dict[str, Any]]:
+    """Codes as classifiers of a feature from merged counts: precision, recall, F1 of every
+    code at recall >= ``min_recall``, best precision first (ties: recall, then name)."""
+    positives = int(merged.get("positives", 0))
+    if positives == 0:
+        return []
+    rows = []
+    for s in sites:
+        info = meta.sites[s]
+        joint, firings = merged[f"joint/{s}"], merged[f"codes/{s}"]
+        for flat in np.flatnonzero(joint):
+            p, r = joint[flat] / firings[flat], joint[flat] / positives
+            if r < min_recall:
+                continue
+            rows.append({"code": CodeRef(s, int(flat // info.num_codes),
+                                         int(flat % info.num_codes)).name,
+                         "precision": float(p), "recall": float(r),
+                         "f1": float(2 * p * r / (p + r)), "count": int(joint[flat]),
+                         "positives": positives})
+    rows.sort(key=lambda r: (-r["precision"], -r["recall"], r["code"]))
+    return rows[:top]

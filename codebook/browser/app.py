@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel
 
-from codebook.analysis.search import CodeRef, StoreSearch
+from codebook.analysis.search import CodeRef, StoreSearch, rank_codes
 from codebook.errors import ConfigError
 
 STATIC = Path(__file__).with_name("static")
@@ -239,24 +239,7 @@ class BoundedStoreSearch(StoreSearch):
             labels, mask = self._scan_shard(table, feature, scan)
             if mask.any():
                 merged = merge_partials(merged, _counts(table, self.meta, labels, mask, sites))
-        positives = int(merged.get("positives", 0))
-        if positives == 0:
-            return []
-        rows = []
-        for s in sites:  # ranked as in StoreSearch.codes_for_regex
-            info = self.meta.sites[s]
-            joint, firings = merged[f"joint/{s}"], merged[f"codes/{s}"]
-            for flat in np.flatnonzero(joint):
-                p, r = joint[flat] / firings[flat], joint[flat] / positives
-                if r < min_recall:
-                    continue
-                rows.append({"code": CodeRef(s, int(flat // info.num_codes),
-                                             int(flat % info.num_codes)).name,
-                             "precision": float(p), "recall": float(r),
-                             "f1": float(2 * p * r / (p + r)), "count": int(joint[flat]),
-                             "positives": positives})
-        rows.sort(key=lambda r: (-r["precision"], -r["recall"], r["code"]))
-        return rows[:top]
+        return rank_codes(merged, self.meta, sites, min_recall, top)
 
     def _scan_shard(self, table, feature, scan: ScanBudget) -> tuple[np.ndarray, np.ndarray]:
         """(labels, mask) of a shard's rows: mask marks the rows of the documents matched."""
