@@ -10,6 +10,7 @@ from codebook.interventions import (
     patch_codes,
     read_codes,
     recording,
+    swap_codes,
 )
 from codebook.layer import CodebookLayer
 from codebook.model import CodebookModel, CodebookOutput
@@ -33,4 +34,5 @@ __all__ = [
     "recording",
     "resolve_sites",
     "force_codes_at_sites",
+    "swap_codes",
 ]

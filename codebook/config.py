@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -14,10 +15,14 @@ from codebook.errors import ConfigError
 SITE_KINDS = ("attn_heads", "attn", "mlp", "mlp_hidden", "block")
 # Named widths a site pattern can use (anything else is an integer or a model-config attribute).
 SITE_WIDTHS = ("hidden", "heads", "intermediate")
-SCORES = ("dot", "cosine", "euclidean")
+# "inner": x . c; "cosine": x . c / (|x| |c|); "euclidean": -|x - c|^2 (ranked as 2 x.c - |c|^2).
+SCORES = ("inner", "cosine", "euclidean")
+# Old names still read, with a warning: "dot" normalised the codes, so it ranked exactly as
+# "cosine" does (a token's own norm scales all its scores alike).
+SCORE_ALIASES = {"dot": "cosine"}
 COMBINES = ("sum", "mean")
 
-Score = Literal["dot", "cosine", "euclidean"]
+Score = Literal["inner", "cosine", "euclidean"]
 Combine = Literal["sum", "mean"]
 Hook = Literal["pre", "post"]
 _KIND_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
@@ -89,7 +94,7 @@ class CodebookConfig:
     # k schedule: k decays linearly from ``k`` to ``k_min`` over ``k_schedule_steps`` steps.
     k_min: int | None = None
     k_schedule_steps: int = 0
-    score: Score = "dot"
+    score: Score = "cosine"
     combine: Combine = "sum"
     layer_norm: bool = False
     # Independent codebooks over equal chunks of non-head sites (``attn_heads`` uses one per head).
@@ -174,6 +179,13 @@ class CodebookConfig:
                     "k_min is set but k_schedule_steps <= 0",
                     "set k_schedule_steps to the number of steps over which k decays",
                 )
+        if self.score in SCORE_ALIASES:
+            new = SCORE_ALIASES[self.score]
+            warnings.warn(
+                f"{p}.score: {self.score!r} is read as {new!r} (it normalised the codes, so it "
+                f"ranked exactly like cosine); write {new!r}, or 'inner' for an unnormalised "
+                "inner product", FutureWarning, stacklevel=2)
+            self.score = new
         if self.score not in SCORES:
             raise ConfigError(f"{p}.score", f"unknown score {self.score!r}", f"use one of {SCORES}")
         if self.combine not in COMBINES:

@@ -130,6 +130,26 @@ class _PatchEditor(_Editor):
         return torch.cat([idx, patched.clamp_min(0)], -1), torch.cat([weight, patched_w], -1)
 
 
+class _SwapEditor(_Editor):
+    """Per row, group ``g``'s code ``old[row, g]`` becomes ``new[row, g]`` wherever it is chosen
+    (at ``positions``); -1 in either leaves that group alone. Counts what it changed."""
+
+    def __init__(self, old: torch.Tensor, new: torch.Tensor, positions: torch.Tensor | None):
+        self.old, self.new, self.positions = old, new, positions  # (b, g)
+        self.changed: list[torch.Tensor] = []  # (b,) slots changed, one entry per call
+
+    def edit(self, idx, weight, positions):
+        b, t, g, _ = idx.shape
+        old, new = self.old.to(idx.device), self.new.to(idx.device)
+        if old.shape != (b, g):
+            raise ValueError(f"swap tables are {tuple(old.shape)}, the batch needs ({b}, {g})")
+        at = _position_mask(positions, self.positions).view(1, t, 1, 1)
+        live = ((old >= 0) & (new >= 0)).view(b, 1, g, 1)
+        where = at & live & weight & (idx == old.view(b, 1, g, 1))
+        self.changed.append(where.sum(dim=(1, 2, 3)).cpu())
+        return torch.where(where, new.view(b, 1, g, 1).expand_as(idx), idx), weight
+
+
 # ---------------------------------------------------------------------- public context managers
 @contextmanager
 def force_codes(model: CodebookModel, site: str, codes: Sequence[int] | dict[int, Sequence[int]],
@@ -190,6 +210,25 @@ def patch_codes(model: CodebookModel, site: str, source: CodeRecord | torch.Tens
     _check_codes(site, layer, codes[codes >= 0].unique().tolist())
     with _attached(layer, _PatchEditor(codes, _as_positions(positions))):
         yield
+
+
+@contextmanager
+def swap_codes(model: CodebookModel, site: str, old: torch.Tensor, new: torch.Tensor,
+               positions: Sequence[int] | None = None) -> Iterator[list[torch.Tensor]]:
+    """Per batch row, put code ``new[row, g]`` wherever ``old[row, g]`` is chosen in group
+    ``g`` of ``site`` (at ``positions``; -1 in ``old`` or ``new`` leaves the group alone); every
+    other code stays. Yields a list that gets, per forward call, the (batch,) count of code
+    slots changed."""
+    layer = _layer(model, site)
+    old, new = torch.as_tensor(old, dtype=torch.long), torch.as_tensor(new, dtype=torch.long)
+    if old.dim() != 2 or old.shape != new.shape or old.shape[1] != layer.groups:
+        raise ConfigError("old/new", f"expected two (batch, {layer.groups}) tables for {site}, "
+                          f"got {tuple(old.shape)} and {tuple(new.shape)}",
+                          "give one code id (or -1) per batch row and group")
+    _check_codes(site, layer, torch.cat([old, new])[torch.cat([old, new]) >= 0].unique().tolist())
+    editor = _SwapEditor(old, new, _as_positions(positions))
+    with _attached(layer, editor):
+        yield editor.changed
 
 
 @contextmanager

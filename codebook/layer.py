@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from codebook.config import Combine, Score
+from codebook.config import SCORE_ALIASES, SCORES, Combine, Score
 
 
 class CodeEditor(Protocol):
@@ -55,7 +55,7 @@ class CodebookLayer(nn.Module):
         num_codes: int,
         k: int,
         groups: int = 1,
-        score: Score = "dot",
+        score: Score = "cosine",
         combine: Combine = "sum",
         layer_norm: bool = False,
         score_chunk_tokens: int = 4096,
@@ -67,6 +67,9 @@ class CodebookLayer(nn.Module):
             raise ValueError(f"groups={groups} must divide dim={dim}")
         if not 1 <= k <= num_codes:
             raise ValueError(f"k={k} must be in 1..num_codes={num_codes}")
+        score = SCORE_ALIASES.get(score, score)
+        if score not in SCORES:
+            raise ValueError(f"unknown score {score!r}: use one of {SCORES}")
         self.dim, self.groups, self.group_dim = dim, groups, dim // groups
         self.num_codes, self.k = num_codes, k
         self.score, self.combine, self.layer_norm = score, combine, layer_norm
@@ -110,6 +113,8 @@ class CodebookLayer(nn.Module):
         (groups, 1, num_codes) squared norms to subtract."""
         if self.score == "euclidean":
             return codes.transpose(1, 2), (codes * codes).sum(-1).unsqueeze(1)
+        if self.score == "inner":
+            return codes.transpose(1, 2), None
         return F.normalize(codes, dim=-1).transpose(1, 2), None
 
     def _scores(self, x: torch.Tensor, rhs: torch.Tensor,

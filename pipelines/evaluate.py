@@ -8,15 +8,18 @@ Features are regexes over the text (the paper's kind ship by default; add your o
 ``- {name: dragons, regex: '\\b(dragons?)\\b', ignore_case: true}``), or FSM states when the
 store was extracted from the FSM. For each feature and site: the best code by precision at
 recall >= --min-recall and by F1, and the best neuron at the code's recall from the stored raw
-activations. Results go to Parquet + CSV + a plot, all logged to MLflow; the last line printed
-is a JSON summary.
+activations. Held out: the documents are split (--seed, --test-fraction) into a selection half,
+on which every code, neuron and threshold is chosen, and a test half, on which they are scored
+(``*_test``, the headline), with a permutation null (``code_precision_null``) beside the
+features' base rates. Every feature gets a row; one without a qualifying code says why, and
+the means stand beside their coverage. Results go to Parquet + CSV + a plot, all logged to
+MLflow; the last line printed is a JSON summary.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -39,6 +42,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sites", nargs="*", help="codebook sites to evaluate (default: all)")
     p.add_argument("--min-recall", type=float, default=0.1,
                    help="a code must reach this recall to count (precision ranking)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the document split into selection and test halves")
+    p.add_argument("--test-fraction", type=float, default=0.5,
+                   help="share of the documents held out for scoring the choices")
+    p.add_argument("--no-null", action="store_true",
+                   help="skip the permutation null (saves two count tables per site)")
     p.add_argument("--num-workers", type=int, default=1)
     p.add_argument("--out", help="results folder (default: STORE/eval)")
     p.add_argument("--allow-partial", action="store_true",
@@ -83,34 +92,45 @@ class _ShardLabeller:
         return table, labels, mask
 
 
+def _shard_number(path: str) -> int:
+    return int(Path(path).stem.split("-")[1])
+
+
 class _CountShard(_ShardLabeller):
-    def __init__(self, store_root, features, num_features, sites, activation_sites):
+    def __init__(self, store_root, features, num_features, sites, activation_sites, split,
+                 null=True):
+        from codebook.analysis.store_heldout import DocumentSplit
+
         super().__init__(store_root, features)
         self.num_features, self.sites, self.act_sites = num_features, sites, activation_sites
+        self.split, self.null = DocumentSplit(**split), null
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        from codebook.analysis.store_eval import count_partials
+        from codebook.analysis.store_heldout import heldout_count_partials
 
         partials = []
         for path in batch["path"]:
             table, labels, mask = self.labelled(str(path))
-            partials.append(count_partials(table, self.store.meta, labels, mask,
-                                           self.num_features, self.sites, self.act_sites))
+            partials.append(heldout_count_partials(
+                table, self.store.meta, labels, mask, self.num_features, self.sites,
+                self.act_sites, self.split, _shard_number(str(path)), self.null))
         return {"partial": partials}
 
 
 class _AboveShard(_ShardLabeller):
-    def __init__(self, store_root, features, thresholds):
+    def __init__(self, store_root, features, thresholds, split):
+        from codebook.analysis.store_heldout import DocumentSplit
+
         super().__init__(store_root, features)
-        self.thresholds = thresholds
+        self.thresholds, self.split = thresholds, DocumentSplit(**split)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        from codebook.analysis.store_eval import above_counts
+        from codebook.analysis.store_heldout import heldout_above_counts
 
         partials = []
         for path in batch["path"]:
             table, _, mask = self.labelled(str(path), need_labels=False)
-            partials.append(above_counts(table, mask, self.thresholds))
+            partials.append(heldout_above_counts(table, mask, self.thresholds, self.split))
         return {"partial": partials}
 
 
@@ -149,9 +169,10 @@ def _map_shards(files: list[str], stage: type, kwargs: dict[str, Any], workers: 
 
 # ---------------------------------------------------------------------- driver
 def prepare(args: argparse.Namespace) -> tuple[CodeStore, list[str], list[dict] | None,
-                                                list[str], list[str]]:
-    """Open and check the store and features before Ray starts."""
+                                                list[str], list[str], Any]:
+    """Open and check the store, features and document split before Ray starts."""
     from codebook.analysis.features import load_features
+    from codebook.analysis.store_heldout import DocumentSplit
     from codebook.resolve import check_site_names
 
     store = CodeStore(args.store)
@@ -163,11 +184,20 @@ def prepare(args: argparse.Namespace) -> tuple[CodeStore, list[str], list[dict] 
     if not store.complete and not args.allow_partial:
         raise ConfigError("--store", f"{len(files)} of {meta.num_shards} shards are finished",
                           "rerun the same extract command to finish, or pass --allow-partial")
+    last_doc = -1
     for f in files:  # a foreign or corrupt file fails here, named, before any work
-        read_token_file(f, meta, columns=["doc_id"])
+        docs = read_token_file(f, meta, columns=["doc_id"]).column("doc_id").to_numpy()
+        last_doc = max(last_doc, int(docs.max()) if docs.size else -1)
     if not 0.0 <= args.min_recall <= 1.0:
         raise ConfigError("--min-recall", f"must be in [0, 1], got {args.min_recall}",
                           "e.g. 0.1")
+    if not 0.0 < args.test_fraction < 1.0:
+        raise ConfigError("--test-fraction", f"must be in (0, 1), got {args.test_fraction}",
+                          "e.g. 0.5")
+    split = DocumentSplit(max(meta.num_documents, last_doc + 1), args.seed, args.test_fraction)
+    if split.num_documents < 2:
+        raise ConfigError("--store", f"{split.num_documents} document(s): a held-out split "
+                          "needs at least 2", "extract more documents")
     sites = check_site_names(args.sites, meta.sites, "--sites")
     if meta.source["kind"] == "fsm":
         from codebook.data.fsm import TokFSM
@@ -182,35 +212,44 @@ def prepare(args: argparse.Namespace) -> tuple[CodeStore, list[str], list[dict] 
         features = [{"name": f.name, "regex": f.regex, "ignore_case": f.ignore_case}
                     for f in regexes]
         names = [f.name for f in regexes]
-    return store, files, features, names, sites
+    return store, files, features, names, sites, split
 
 
 def evaluate(store: CodeStore, files: list[str], features: list[dict] | None,
-             names: list[str], sites: list[str], args: argparse.Namespace) -> dict[str, Any]:
-    """Both passes over the shards; returns rows (one per feature and site) and totals."""
-    from codebook.analysis.store_eval import best_code_rows, neuron_rows, neuron_thresholds
+             names: list[str], sites: list[str], split: Any, args: argparse.Namespace
+             ) -> dict[str, Any]:
+    """Both passes over the shards, held out (``codebook.analysis.store_heldout``); returns
+    rows (one per feature and site, every feature) and totals."""
+    from codebook.analysis.store_eval import neuron_thresholds
+    from codebook.analysis.store_heldout import (
+        SELECTION,
+        TEST,
+        heldout_code_rows,
+        heldout_neuron_rows,
+        sub_partial,
+    )
 
     act_sites = [s for s in store.meta.activation_sites if s in sites]
     merged = _map_shards(files, _CountShard, {
         "store_root": str(store.root), "features": features, "num_features": len(names),
-        "sites": sites, "activation_sites": act_sites}, args.num_workers)
-    rows = best_code_rows(merged, store.meta, sites, names, args.min_recall)
-    thresholds = neuron_thresholds(merged, rows, act_sites)
+        "sites": sites, "activation_sites": act_sites, "split": split.kwargs(),
+        "null": not args.no_null}, args.num_workers)
+    rows = heldout_code_rows(merged, store.meta, sites, names, args.min_recall)
+    thresholds = neuron_thresholds(sub_partial(merged, SELECTION), rows, act_sites)
     above = {}
     if thresholds:
         above = _map_shards(files, _AboveShard, {
-            "store_root": str(store.root), "features": features, "thresholds": thresholds},
-            args.num_workers)
-    neuron_rows(rows, thresholds, above)
-    counts = merged["label_counts"]
-    return {"rows": rows, "tokens": int(merged["tokens"].sum()),
+            "store_root": str(store.root), "features": features, "thresholds": thresholds,
+            "split": split.kwargs()}, args.num_workers)
+    heldout_neuron_rows(rows, thresholds, above, merged, act_sites)
+    sel, test = sub_partial(merged, SELECTION), sub_partial(merged, TEST)
+    counts = sel["label_counts"] + test["label_counts"]
+    tokens = {"selection": int(sel["tokens"].sum()), "test": int(test["tokens"].sum())}
+    return {"rows": rows, "tokens": tokens["selection"] + tokens["test"],
+            "split": {**split.info(), "tokens_selection": tokens["selection"],
+                      "tokens_test": tokens["test"], "null": not args.no_null},
             "skipped": [n for n, c in zip(names, counts, strict=True) if c == 0],
-            "activation_sites": act_sites}
-
-
-def _mean(values: list[float | None]) -> float | None:
-    vals = [v for v in values if v is not None and math.isfinite(v)]
-    return float(np.mean(vals)) if vals else None
+            "activation_sites": act_sites, "names": names, "sites": sites}
 
 
 def write_results(result: dict[str, Any], out: Path, store: CodeStore,
@@ -220,7 +259,7 @@ def write_results(result: dict[str, Any], out: Path, store: CodeStore,
     import pyarrow.csv as pacsv
 
     from codebook.analysis.plots import plot_feature_precision
-    from codebook.analysis.store_eval import feature_summary
+    from codebook.analysis.store_heldout import heldout_summary
     from codebook.io import atomic_write
     from codebook.store import write_parquet_atomic
     from codebook.tracking import MLflowLogger, finish_run, start_run
@@ -232,22 +271,21 @@ def write_results(result: dict[str, Any], out: Path, store: CodeStore,
     with atomic_write(out / "results.csv", "wb") as fh:
         pacsv.write_csv(table, fh)
     # Codes and neurons are compared on the same (feature, site) rows: the best site among
-    # those with stored activations when there are any.
-    best = feature_summary(rows, result["activation_sites"] or None)
-    best_any_site = feature_summary(rows)
-    if best:
-        plot_feature_precision(best, out / "code_vs_neuron_precision.png")
+    # those with stored activations when there are any, chosen on the selection half.
+    held = heldout_summary(rows, result["names"], store.meta, result["sites"],
+                           result["activation_sites"])
+    covered = [f for f in held["per_feature"] if f["status"] == "ok"]
+    if covered:  # the headline: the choices scored on the test half
+        plot_feature_precision([{**f, "code_precision": f["code_precision_test"],
+                                 "neuron_precision": f["neuron_precision_test"]}
+                                for f in covered], out / "code_vs_neuron_precision.png")
+    per_feature = held.pop("per_feature")
     summary = {
-        "features": len(best),
-        "code_precision_mean": _mean([r["code_precision"] for r in best]),
-        "code_precision_mean_all_sites": _mean([r["code_precision"] for r in best_any_site]),
-        "neuron_precision_mean": _mean([r["neuron_precision"] for r in best]),
-        "code_recall_mean": _mean([r["code_recall"] for r in best]),
+        **held,
         "tokens": result["tokens"],
+        "split": result["split"],
         "skipped_features": result["skipped"],
-        "per_feature": [{k: r[k] for k in ("feature", "site", "code", "code_precision",
-                                           "code_recall", "neuron", "neuron_precision",
-                                           "positives")} for r in best],
+        "per_feature": per_feature,
         "results": str(out / "results.parquet"),
         "store": str(store.root),
     }
@@ -259,11 +297,15 @@ def write_results(result: dict[str, Any], out: Path, store: CodeStore,
     uri = default_tracking_uri(args.tracking_uri, store.root)
     params = {"store": str(store.root), "model": store.meta.model,
               "min_recall": str(args.min_recall), "sites": ",".join(sorted({r["site"]
-                                                                            for r in rows}))}
+                                                                            for r in rows})),
+              "seed": str(args.seed), "test_fraction": str(args.test_fraction)}
     run_id = start_run(uri, args.experiment, f"evaluate-{store.root.name}", params,
                        {"store": str(store.root)})
-    metrics = {k: summary[k] for k in ("features", "code_precision_mean",
-                                       "neuron_precision_mean", "tokens")}
+    metrics = {k: summary[k] for k in ("features", "features_with_code", "coverage",
+                                       "code_precision_mean", "code_precision_test_mean",
+                                       "neuron_precision_mean", "neuron_precision_test_mean",
+                                       "neuron_coverage", "code_precision_null",
+                                       "base_rate_mean", "tokens")}
     MLflowLogger(uri, run_id).log(0, {k: v for k, v in metrics.items() if v is not None})
     finish_run(uri, run_id, artifacts={"evaluation": out})
     summary["mlflow_run_id"] = run_id
@@ -273,14 +315,14 @@ def write_results(result: dict[str, Any], out: Path, store: CodeStore,
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     try:
-        store, files, features, names, sites = prepare(args)
+        store, files, features, names, sites, split = prepare(args)
     except ConfigError as err:
         sys.exit(f"config error: {err}")
     from codebook.ray_glue.session import ray_session
 
     try:
         with ray_session():
-            result = evaluate(store, files, features, names, sites, args)
+            result = evaluate(store, files, features, names, sites, split, args)
     except Exception as err:  # an actor's ConfigError (e.g. a corrupt shard) arrives wrapped
         cause = _config_error_in(err)
         if cause is None:

@@ -11,6 +11,21 @@ from transformers import AutoConfig, AutoModelForCausalLM
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# The suite runs on two pytest-xdist workers (pyproject: ``-n 2 --dist loadgroup``): each
+# file stays whole on one worker, in order (module fixtures built once, Ray-fixture tests
+# before the tests that stop Ray); files that start a Ray head with `cluster/local_head.sh`
+# share one group, so no two heads start at once. ``-n 0`` runs everything in one process.
+SHARED_GROUPS = {"test_cluster_security.py": "ray_head", "test_job_submit.py": "ray_head"}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """One xdist group per test file (or per SHARED_GROUPS entry)."""
+    for item in items:
+        group = SHARED_GROUPS.get(item.path.name, item.path.stem)
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 VOCAB = 64
 TINY_CONFIGS: dict[str, dict] = {
     "gpt_neox": dict(model_type="gpt_neox", vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,

@@ -154,38 +154,85 @@ def test_interrupted_extraction_resumes_with_identical_output(store, workdir, tm
 # ---------------------------------------------------------------------- evaluation
 def test_evaluate_matches_the_in_process_classifier_and_reports_unmatched(
         store, workdir, tmp_path, capsys):
+    """Held out: chosen on the selection documents, scored on the test documents (both checked
+    against the single-process classifier on those rows); every feature accounted for."""
+    from codebook.analysis.features import DEFAULT_FEATURES
+    from codebook.analysis.heldout import code_scores_at, neuron_scores_at
+    from codebook.analysis.neurons import best_neurons_at_recall
+    from codebook.analysis.store_heldout import DocumentSplit
+
     features = tmp_path / "features.yaml"
     features.write_text("- {name: never, regex: 'zzzqqq(x)'}\n"
                         "- {name: dragons, regex: '\\b(dragon)\\b', ignore_case: true}\n")
     summary = evaluate_cli.main(["--store", str(store.root), "--features", str(features),
-                                 "--min-recall", "0.1", "--out", str(tmp_path / "eval")])
+                                 "--min-recall", "0.1", "--out", str(tmp_path / "eval"),
+                                 "--seed", "3"])
     err = capsys.readouterr().err
     assert "feature 'never' matched no token" in err
     assert summary["skipped_features"] == ["never"]  # every default feature occurs
-    assert summary["features"] >= 8 and summary["tokens"] == all_rows(store).num_rows
-    assert 0 < summary["code_precision_mean"] <= 1
-    assert summary["neuron_precision_mean"] is not None
+    names = [f.name for f in DEFAULT_FEATURES] + ["never", "dragons"]
+    # every feature requested is reported, "never" with the reason it has no code
+    assert summary["features"] == len(names)
+    assert [f["feature"] for f in summary["per_feature"]] == names
+    never = summary["per_feature"][names.index("never")]
+    assert never["status"] == "no positives" and never["code"] is None
+    covered = [f for f in summary["per_feature"] if f["status"] == "ok"]
+    assert summary["features_with_code"] == len(covered) <= len(names) - 1
+    assert summary["coverage"] == pytest.approx(len(covered) / len(names))
+    assert summary["features_with_neuron"] <= summary["features_with_code"]
+    assert summary["neuron_coverage"] == pytest.approx(summary["features_with_neuron"]
+                                                       / len(names))
+    rows = all_rows(store)
+    assert summary["tokens"] == rows.num_rows
+    split = DocumentSplit(24, seed=3)
+    assert summary["split"] | {"tokens_selection": 0, "tokens_test": 0} == {
+        "unit": "document", "num_documents": 24, "seed": 3, "test_fraction": 0.5,
+        "documents_selection": 12, "documents_test": 12, "tokens_selection": 0,
+        "tokens_test": 0, "null": True}
+    docs = rows.column("doc_id").to_numpy()
+    test = split.test_tokens(docs)
+    assert summary["split"]["tokens_test"] == test.sum() > 0
+    assert summary["split"]["tokens_selection"] == (~test).sum() > 0
+    for key in ("code_precision_mean", "code_precision_test_mean", "neuron_precision_mean",
+                "neuron_precision_test_mean", "code_precision_null", "base_rate_mean"):
+        assert 0 <= summary[key] <= 1, key
+    info = store.meta.sites["mlp_1"]  # the only site with activations: codes compared there
+    assert summary["candidates"]["codes"] == info.groups * info.num_codes
+    assert summary["candidates"]["neurons"] == 2 * info.dim
     assert (tmp_path / "eval" / "results.csv").is_file()
     assert (tmp_path / "eval" / "code_vs_neuron_precision.png").stat().st_size > 1000
-    # Ground truth: the single-process classifier on all rows at once, for one site.
     results = pq.read_table(tmp_path / "eval" / "results.parquet").to_pylist()
+    assert len(results) == len(names) * len(store.meta.sites)  # a row per feature and site
+    assert {r["status"] for r in results if r["feature"] == "never"} == {"no positives"}
+    # Ground truth: the single-process classifier on the selection rows, then the chosen code
+    # and neuron scored on the test rows, for one site.
     row = next(r for r in results if r["feature"] == "months" and r["site"] == "mlp_1")
-    rows = all_rows(store)
     from codebook.data.text import load_tokenizer
 
-    docs = rows.column("doc_id").to_numpy()
     texts = read_documents(store.meta.source, 0, int(docs.max()) + 1)
     labels = shard_regex_labels(load_tokenizer(store.meta.tokenizer), texts, 0, docs,
                                 rows.column("position").to_numpy(),
                                 rows.column("token_id").to_numpy(),
                                 [RegexFeature("months", evaluate_cli_months())])[:, 0]
     assert labels.sum() == row["positives"] > 0
-    truth = in_memory_classifier(list_to_numpy(rows.column("codes.mlp_1")).astype(np.int64),
-                                 list_to_numpy(rows.column("acts.mlp_1")).astype(np.float32),
-                                 np.where(labels, 0, -1), 300, 1, min_recall=0.1)
+    assert labels[test].sum() == row["positives_test"] > 0
+    codes = list_to_numpy(rows.column("codes.mlp_1")).astype(np.int64)
+    acts = list_to_numpy(rows.column("acts.mlp_1")).astype(np.float32)
+    ids = np.where(labels, 0, -1)
+    sel = ~test
+    truth = in_memory_classifier(codes[sel], acts[sel], ids[sel], 300, 1, min_recall=0.1)
     assert row["code"] == f"0:{truth['code'][0]}"
     assert row["code_precision"] == pytest.approx(truth["code_precision"][0])
     assert row["neuron_precision"] == pytest.approx(truth["neuron_precision"][0])
+    p_test, r_test = code_scores_at(codes[test], ids[test], truth["code"], 300, 1)
+    assert row["code_precision_test"] == pytest.approx(p_test[0])
+    assert row["code_recall_test"] == pytest.approx(r_test[0])
+    neuron = best_neurons_at_recall(acts[sel], ids[sel], truth["code_recall"])
+    assert row["neuron"] == neuron["neuron"][0]
+    np_test, _ = neuron_scores_at(acts[test], ids[test], neuron["neuron"], neuron["sign"],
+                                  neuron["threshold"])
+    assert row["neuron_precision_test"] == pytest.approx(np_test[0])
+    assert row["base_rate"] == pytest.approx(labels[test].mean())
 
 
 def evaluate_cli_months() -> str:

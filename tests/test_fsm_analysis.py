@@ -10,8 +10,19 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from codebook import CodebookConfig, CodebookModel, disable_codes, force_codes
+from codebook import (
+    CodebookConfig,
+    CodebookModel,
+    ConfigError,
+    disable_codes,
+    force_codes,
+    read_codes,
+    recording,
+    swap_codes,
+)
 from codebook.analysis import fsm as A
+from codebook.analysis.fsm.common import state_spellings
+from codebook.analysis.fsm.interventions import _state_inputs
 from codebook.analysis.neurons import best_neurons_at_recall
 from codebook.analysis.plots import plot_code_vs_neuron_precision, plot_intervention_by_site
 from codebook.data.fsm import FSMConfig, TokFSM
@@ -277,6 +288,107 @@ def test_patching_b_codes_moves_the_prediction_towards_b(fsm) -> None:
         A.intervention_experiment(model, fsm, [])
 
 
+def _state_rows(fsm: TokFSM, states: list[int]) -> torch.Tensor:
+    """[BOS, digits of s, first candidate prefix] per state: the interventions' inputs."""
+    digits = fsm.encode_states(np.asarray(states)[:, None])
+    bos = np.full((len(states), 1), fsm.bos_token_id)
+    return torch.as_tensor(np.concatenate([bos, digits, digits[:, :1] * 0], axis=1))
+
+
+def test_swap_codes_changes_exactly_the_named_codes(fsm) -> None:
+    model = make_model(fsm, code_std=1.0)
+    site = next(iter(model.codebooks))  # the first site: nothing upstream is edited
+    x = _state_rows(fsm, [1, 4, 7, 9])
+    before = read_codes(model, x, sites=[site]).codes[site]  # (4, T, groups, 1)
+    d = fsm.digits_per_state
+    old = before[:, d, :, 0].clone()  # each row's codes at its state position
+    old[1] = -1  # row 1: no swap at all
+    new = (old + 1) % model.codebooks[site].num_codes
+    new[0, 0] = -1  # row 0, group 0: left alone
+    span = list(range(1, 2 * d))
+    with recording(model, [site]) as rec, swap_codes(model, site, old, new, span) as changed:
+        model(input_ids=x)
+    after = rec.codes[site]
+    in_span = torch.zeros(x.shape[1], dtype=torch.bool)
+    in_span[span] = True
+    live = (old >= 0) & (new >= 0)
+    expect = (before[..., 0] == old[:, None]) & live[:, None] & in_span[None, :, None]
+    assert torch.equal(after[..., 0], torch.where(expect, new[:, None].expand_as(expect),
+                                                  before[..., 0]))
+    assert expect.any() and not expect[1].any()
+    assert torch.equal(changed[0], expect.sum(dim=(1, 2)))
+    with pytest.raises(ConfigError, match="tables"), swap_codes(model, site, old[:, :1],
+                                                                new[:, :1]):
+        pass
+
+
+def test_state_code_swap_counts_and_controls(fsm) -> None:
+    model = make_model(fsm, code_std=1.0)
+    names = list(model.codebooks)
+    d, states = fsm.digits_per_state, list(range(fsm.num_states))
+    seen_all = read_codes(model, _state_rows(fsm, states)).codes
+    codes = {n: c[:, d, :, 0] for n, c in seen_all.items()}  # (S, groups): at state positions
+    dedicated = {n: c.T.numpy().copy() for n, c in codes.items()}  # (groups, S)
+    dedicated[names[-1]][:] = -1  # one site without any dedicated code
+    pairs = [(a, b) for a in range(0, 12, 3) for b in range(1, 12, 4) if a != b]
+    res = A.intervention_experiment(model, fsm, pairs, dedicated=dedicated, seed=1)
+    swap, rand = res["state_codes"], res["random_codes"]
+    assert set(swap["by_site"]) == set(names) and set(rand) == {"by_site", "all"}
+    # by hand at the first site (nothing upstream is edited): every slot over the span where
+    # a's dedicated code is chosen, in codebooks where b has one too
+    _, prefixes, _ = state_spellings(fsm)
+    first, n_prefix = names[0], len(prefixes)
+    a, b = np.asarray([p[0] for p in pairs]), np.asarray([p[1] for p in pairs])
+    seen = read_codes(model, _state_inputs(fsm, a, prefixes), sites=[first]).codes[first][..., 0]
+    tab = dedicated[first]
+    a_codes = torch.as_tensor(tab[:, a].T).repeat_interleave(n_prefix, 0)  # (rows, groups)
+    b_codes = torch.as_tensor(tab[:, b].T).repeat_interleave(n_prefix, 0)
+    live = ((a_codes >= 0) & (b_codes >= 0))[:, None]
+    hits = (seen[:, 1 : 2 * d] == a_codes[:, None]) & live
+    by_hand = hits.sum((1, 2)).float().mean().item()
+    assert swap["by_site"][first]["codes_changed_mean"] == pytest.approx(by_hand)
+    assert swap["by_site"][first]["codes_changed_mean"] >= 1.0  # at least a's own position
+    assert swap["by_site"][names[-1]]["codes_changed_mean"] == 0.0  # nothing dedicated there
+    assert 0 < swap["all"]["codes_changed_mean"] <= swap["all"]["active_codes_mean"]
+    total = sum(model.codebooks[n].groups * model.codebooks[n].k for n in names) * (2 * d - 1)
+    assert swap["all"]["active_codes_mean"] == total
+    # the site with nothing dedicated: the swap there is no intervention at all
+    for key in METRICS:
+        assert swap["by_site"][names[-1]][key] == pytest.approx(res["clean"][key]), key
+    assert rand["all"]["codes_changed_mean"] > 0
+
+
+def test_state_code_swap_in_context(fsm, tokens) -> None:
+    model = make_model(fsm, code_std=1.0)
+    names = list(model.codebooks)
+    rows = np.arange(0, len(tokens), 2)  # the "test half"
+    first = fsm.state_labels(tokens[rows])[:, fsm.digits_per_state * np.arange(1, 4)]
+    present = set(first.ravel().tolist())  # states among the first 3 of those rows
+    pairs = [(a, b) for a in range(fsm.num_states) for b in (0, 5) if a != b]
+    none = {n: np.full((model.codebooks[n].groups, fsm.num_states), -1) for n in names}
+    res = A.intervention_experiment(model, fsm, pairs, dedicated=none,
+                                    context=(tokens, rows), max_context_states=3)
+    assert res["state_codes"]["all"]["n"] == sum(a in present for a, _ in pairs)
+    for group in ("state_codes", "random_codes"):
+        assert res[group]["all"]["codes_changed_mean"] == 0.0
+        for key in METRICS:  # nothing swapped: the unpatched inputs' figures
+            assert res[group]["all"][key] == pytest.approx(res["state_codes_clean"][key])
+    # every code a state takes in context, as its "dedicated" code: swaps happen
+    seen = read_codes(model, torch.as_tensor(tokens[rows])).codes
+    labels = fsm.state_labels(tokens[rows])
+    tables = {}
+    for n in names:
+        t = np.full((model.codebooks[n].groups, fsm.num_states), -1)
+        for i, p in np.argwhere(labels >= 0):
+            t[:, labels[i, p]] = seen[n][i, p, :, 0].numpy()
+        tables[n] = t
+    res = A.intervention_experiment(model, fsm, pairs, dedicated=tables,
+                                    context=(tokens, rows), max_context_states=3)
+    swap = res["state_codes"]["all"]
+    assert 0 < swap["codes_changed_mean"] <= swap["active_codes_mean"]
+    assert swap["inputs_changed_rate"] > 0.5
+
+
 def test_select_pairs() -> None:
     rng = np.random.default_rng(0)
     pairs, mode = A.select_pairs({"s": [1, 2, 3], "t": [3, 9]}, range(10), 100, rng)
@@ -293,6 +405,11 @@ FRACTIONS = [
     "neuron_precision_residual_mean", "intervention_success_rate",
     "intervention_jsd_normalised", "intervention_agreement_with_b",
     "intervention_last_position_next_token_jsd", "intervention_b_itself_success_rate",
+    "code_precision_test_mean", "code_recall_test_mean", "code_precision_null_mean",
+    "state_base_rate_mean", "neuron_precision_test_mean", "neuron_precision_residual_test_mean",
+    "intervention_state_codes_success_rate", "intervention_state_codes_jsd_normalised",
+    "intervention_single_site_best_success_rate", "intervention_full_swap_success_rate",
+    "intervention_random_codes_success_rate",
 ]
 
 
@@ -302,7 +419,23 @@ def test_run_fsm_analysis_report_and_plots(model, fsm, tokens, tmp_path) -> None
     assert len(report["intervention_pairs"]) == 4
     assert set(report["intervention_by_span"]) == {"last", "state", "state+next"}
     assert report["intervention_success_rate"] == \
-        report["intervention_by_span"]["state+next"]["success_rate"]
+        report["intervention_by_span"]["state+next"]["success_rate"] == \
+        report["intervention_full_swap_success_rate"]
+    assert report["selection_sequences"] + report["test_sequences"] == len(tokens)
+    assert report["test_sequences"] == len(tokens) // 2
+    assert report["code_candidates"] == sum(c.groups * c.num_codes
+                                            for c in model.codebooks.values())
+    assert report["neuron_candidates"] == 2 * sum(c.dim for c in model.codebooks.values())
+    changed, active = report["intervention_codes_changed_mean"], \
+        report["intervention_active_codes_mean"]
+    assert 0 <= changed <= active and active > 0
+    assert set(report["intervention_state_codes"]["by_site"]) == set(model.codebooks)
+    # the dictionary metrics, per site and their mean over sites
+    assert set(report["sites"]) == set(model.codebooks)
+    fves = [report["sites"][n]["fve"] for n in model.codebooks]
+    assert report["fve_mean"] == pytest.approx(float(np.mean(fves)))
+    assert all(report["sites"][n]["l0"] == model.codebooks[n].groups for n in model.codebooks)
+    assert report["ce_loss_recovered_mean"] is not None
     json.dumps(report, allow_nan=False)
     for key in FRACTIONS:
         assert 0.0 <= report[key] <= 1.0, key

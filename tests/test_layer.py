@@ -40,9 +40,31 @@ def test_euclidean_score_picks_nearest_code():
     assert ids.view(-1).tolist() == target.tolist()
 
 
-def test_cosine_ranks_like_dot_with_normalised_codes():
+def test_old_dot_name_reads_as_cosine_and_inner_is_a_true_inner_product():
+    torch.manual_seed(0)
+    cos = make(score="cosine")
+    old = make(score="dot")  # the old name: it normalised the codes, so it is cosine
+    assert old.score == "cosine"
+    inner = make(score="inner")
+    with torch.no_grad():
+        for layer in (old, inner):
+            layer.codes.copy_(cos.codes)
+        inner.codes[0, 5] *= 50.0  # one long code: wins every inner product, not cosine
     x = torch.randn(40, 1, 16)
-    assert torch.equal(make(score="cosine").select(x), make(score="dot").select(x))
+    assert torch.equal(cos.select(x), old.select(x))
+    by_inner = inner.select(x)
+    expected = (x[:, 0] @ inner.codes[0].detach().T).topk(inner.k, dim=-1).indices
+    assert torch.equal(by_inner[:, 0].sort(-1).values, expected.sort(-1).values)
+    assert (by_inner == 5).any(-1).float().mean() > 0.4  # the long code: on +x's side
+    assert not torch.equal(by_inner, cos.select(x))
+    with pytest.raises(ValueError, match="unknown score"):
+        make(score="dott")
+
+
+def test_config_reads_old_dot_with_a_warning():
+    with pytest.warns(FutureWarning, match="'dot' is read as 'cosine'"):
+        cfg = CodebookConfig(score="dot")
+    assert cfg.score == "cosine"
 
 
 def test_straight_through_gradient_reaches_input_and_codes():

@@ -222,7 +222,13 @@ def months_topics(setup) -> str:
 
 
 def test_steering_probe_benchmark_prints_mass_ratios_per_topic(setup, tmp_path):
-    """benchmarks/steering_topic_mass.py: forced topic codes vs the same text unsteered."""
+    """benchmarks/steering_topic_mass.py: forced topic codes vs the same text unsteered, the
+    effect codes chosen on the selection half of the background documents and the headline
+    ratios measured on the test half."""
+    import importlib.util
+
+    from codebook.topics import load_topics
+
     topics = tmp_path / "topics.yaml"
     topics.write_text(months_topics(setup) + "  - {name: none, regex: 'zzzz', "
                                              "topic_texts: ['May']}\n")
@@ -236,14 +242,41 @@ def test_steering_probe_benchmark_prints_mass_ratios_per_topic(setup, tmp_path):
     # unsteered mass on the topic's own text: the library's topic_mass, computed here apart
     model = load_trained_model(str(setup["root"] / "model"))
     tok = load_tokenizer(str(setup["root"] / "model"))
+    words = topic_token_ids(tok, re.compile(MONTHS, re.IGNORECASE))
     text = "in May and June, then July and August, May again"
     ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"][:, :32]
-    want = topic_mass(model, ids, topic_token_ids(tok, re.compile(MONTHS, re.IGNORECASE)))
+    want = topic_mass(model, ids, words)
     assert 0 < months["topic_text_mass"] == pytest.approx(want, rel=1e-5)
-    for key in ("ranked_ratio", "effect_ratio", "ranked_kl"):
+    for key in ("ranked_ratio", "effect_ratio", "ranked_kl", "ranked_ratio_selection",
+                "effect_ratio_selection"):
         assert set(months[key]) == {"1", "3"} and all(v >= 0 for v in months[key].values())
-    # the effect choice takes, per group, the candidate that raises the mass most
-    assert months["effect_ratio"]["1"] >= months["ranked_ratio"]["1"] - 1e-9
+    # the halves: the 24 background documents split by seed 0, test documents out of the
+    # background; the same seed gives the same halves, another seed others
+    spec = importlib.util.spec_from_file_location("steering_topic_mass", script)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    background = load_topics(topics, None)["background"]
+    sel_ids, test_ids, info, test_docs = probe.measurement_halves(tok, background, 32, 0, 0.5, 32)
+    assert months["split"] == {**info, "background_texts": 24 - len(test_docs)}
+    assert info["unit"] == "document" and info["units_selection"] + info["units_test"] == 24
+    assert len(test_docs) == info["units_test"] == 12
+    again = probe.measurement_halves(tok, background, 32, 0, 0.5, 32)
+    assert torch.equal(again[1], test_ids) and again[3] == test_docs
+    assert probe.measurement_halves(tok, background, 32, 1, 0.5, 32)[3] != test_docs
+    one = probe.measurement_halves(tok, [background[0]], 16, 0, 0.5, 8)  # one text: chunks
+    assert one[2]["unit"] == "chunk" and one[3] == set() and one[2]["units_test"] >= 1
+    # the effect codes are each group's best on the selection half (at least as good as the
+    # top ranked code there) and the headline is those codes forced on the test half
+    assert months["effect_ratio_selection"]["1"] >= months["ranked_ratio_selection"]["1"] - 1e-9
+    assert months["effect_candidates"] >= len(months["effect_codes"]) >= 1
+    site, group, code = months["effect_codes"][0].rsplit(".", 2)
+    first = [{"site": site, "group": int(group), "code": int(code)}]
+    base = topic_mass(model, test_ids, words)
+    assert months["base_mass"] == pytest.approx(base, rel=1e-5)
+    assert months["effect_ratio"]["1"] == pytest.approx(
+        topic_mass(model, test_ids, words, first) / base, rel=1e-5)
+    assert months["effect_ratio_selection"]["1"] == pytest.approx(
+        topic_mass(model, sel_ids, words, first) / topic_mass(model, sel_ids, words), rel=1e-5)
     assert none["error"].startswith("no vocabulary entry")
 
 

@@ -42,15 +42,18 @@ def _mean_label(name: str, arr: np.ndarray) -> str:
 
 def plot_code_vs_neuron_precision(report: Mapping[str, Any],
                                   path: str | os.PathLike[str]) -> Path:
-    """Per state: the best code's precision against the best neuron's at the same recall.
+    """Per state: the best code's precision against the best neuron's at the same recall, on
+    the held-out half where the report has it (chosen on the selection half).
 
     Left: states sorted by code precision, with the neuron baselines (site inputs, residual
     stream) at the same recall. Right: neuron vs code precision per state, with y = x.
     """
     per_state = report["per_state"]
-    code = _floats(per_state["code_precision"])
-    neuron = _floats(per_state["neuron_precision"])
-    resid = _floats(per_state.get("neuron_precision_residual", [None] * len(code)))
+    held = "code_precision_test" in per_state
+    suffix = "_test" if held else ""
+    code = _floats(per_state[f"code_precision{suffix}"])
+    neuron = _floats(per_state[f"neuron_precision{suffix}"])
+    resid = _floats(per_state.get(f"neuron_precision_residual{suffix}", [None] * len(code)))
     order = np.argsort(np.where(np.isfinite(code), code, -1.0), kind="stable")[::-1]
     x = np.arange(len(code))
 
@@ -67,7 +70,8 @@ def plot_code_vs_neuron_precision(report: Mapping[str, Any],
     ax1.set_ylabel("precision at the code's recall")
     ax1.set_ylim(-0.02, 1.02)
     ax1.legend(loc="lower left", fontsize=8)
-    ax1.set_title("FSM states: best code vs best neuron")
+    ax1.set_title("FSM states: best code vs best neuron"
+                  + (" (held-out half)" if held else ""))
 
     ax2.plot([0, 1], [0, 1], color="grey", lw=1, ls="--")
     ax2.scatter(code, neuron, s=12, label="site inputs")
@@ -84,39 +88,43 @@ def plot_code_vs_neuron_precision(report: Mapping[str, Any],
 
 def plot_intervention_by_site(report: Mapping[str, Any],
                               path: str | os.PathLike[str]) -> Path:
-    """Success rate, mean top-E overlap with b's out-neighbours and normalised JSD (to b's own
-    next-state distribution) per patched site and for all sites at once; the unpatched
-    reference and b's own success (the ceiling) as dashed lines."""
-    by_site = report["intervention_by_site"]
-    names = [n for n in by_site if n != "all"] + (["all"] if "all" in by_site else [])
-    success = _floats([by_site[n].get("success_rate") for n in names])
-    overlap = _floats([by_site[n].get("mean_overlap") for n in names])
-    jsd = _floats([by_site[n].get("jsd_normalised") for n in names])
-    clean = report.get("intervention_clean") or {}
+    """Success rate and normalised JSD (to b's own next-state distribution) per patched site
+    and for all sites at once: swapping only the state's dedicated codes (where the report has
+    it) beside replacing every code (the full-swap control); the unpatched reference, the
+    random-code control and b's own success (the ceiling) as lines."""
+    full = report["intervention_by_site"]
+    swap = report.get("intervention_state_codes") or {}
+    swap_by = {**swap.get("by_site", {}), **({"all": swap["all"]} if "all" in swap else {})}
+    names = [n for n in full if n != "all"] + (["all"] if "all" in full else [])
+    bars = [("state codes: success", swap_by, "success_rate"),
+            ("full swap: success", full, "success_rate"),
+            ("state codes: JSD to b / ln 2", swap_by, "jsd_normalised"),
+            ("full swap: JSD to b / ln 2", full, "jsd_normalised")]
+    bars = [b for b in bars if b[1]]
     x = np.arange(len(names))
-    width = 0.27
-
-    fig = Figure(figsize=(max(6.0, 0.55 * len(names) + 2), 4.2))
+    width = 0.8 / len(bars)
+    fig = Figure(figsize=(max(6.0, 0.7 * len(names) + 2), 4.2))
     ax = fig.subplots()
-    ax.bar(x - width, np.nan_to_num(success), width, label="success rate")
-    ax.bar(x, np.nan_to_num(overlap), width, label="top-E overlap with b's next states")
-    ax.bar(x + width, np.nan_to_num(jsd), width, label="JSD to b / ln 2")
-    for key, color, label in (("success_rate", "C0", "success, no patch"),
-                              ("mean_overlap", "C1", "overlap, no patch"),
-                              ("jsd_normalised", "C2", "JSD, no patch")):
-        if clean.get(key) is not None and np.isfinite(float(clean[key])):
-            ax.axhline(float(clean[key]), color=color, ls="--", lw=1, label=label)
-    ceiling = (report.get("intervention_b_itself") or {}).get("success_rate")
-    if ceiling is not None and np.isfinite(float(ceiling)):
-        ax.axhline(float(ceiling), color="C0", ls=":", lw=1.5, label="success of b itself")
+    for i, (label, table, key) in enumerate(bars):
+        values = _floats([(table.get(n) or {}).get(key) for n in names])
+        ax.bar(x + (i - (len(bars) - 1) / 2) * width, np.nan_to_num(values), width, label=label)
+    lines = [((report.get("intervention_clean") or {}).get("jsd_normalised"), "C2", "--",
+              "JSD, no patch"),
+             (((report.get("intervention_random_codes") or {}).get("all") or {})
+              .get("success_rate"), "C3", "-.", "success, random codes (all sites)"),
+             ((report.get("intervention_b_itself") or {}).get("success_rate"), "C0", ":",
+              "success of b itself")]
+    for value, color, style, label in lines:
+        if value is not None and np.isfinite(float(value)):
+            ax.axhline(float(value), color=color, ls=style, lw=1.2, label=label)
     ax.set_xticks(x)
     ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("fraction")
     pairs = report.get("intervention_pairs") or []
-    ax.set_title(f"Patching state b's codes into state a ({len(pairs)} pairs, "
+    ax.set_title(f"Patching state b into state a ({len(pairs)} pairs, "
                  f"{report.get('pair_selection', '?')}; span state+next)")
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=7, loc="upper left")
     return save_figure(fig, path)
 
 

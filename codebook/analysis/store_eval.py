@@ -1,5 +1,9 @@
 """Codes vs neurons as feature classifiers over a code store, one shard at a time.
 
+The held-out protocol on top of these steps (documents split into a selection and a test
+half, everything chosen on the first and scored on the second, plus a permutation null) is
+``codebook.analysis.store_heldout``.
+
 Two passes, each a map over shards whose partial results add up (so a Ray Data aggregation can
 combine them, and no process ever holds the whole store):
 
@@ -54,22 +58,31 @@ def _is_positive(labels: np.ndarray, feature: int) -> np.ndarray:
     return labels[:, feature] if labels.dtype == bool else labels == feature
 
 
+def shard_codes(table: pa.Table, meta: StoreMeta, site: str) -> np.ndarray:
+    """(T, groups, k) int64 code ids of one site in a shard."""
+    info = meta.sites[site]
+    codes = list_to_numpy(table.column(codes_column(site))).astype(np.int64)
+    return codes.reshape(-1, info.groups, info.k)
+
+
 def count_partials(table: pa.Table, meta: StoreMeta, labels: np.ndarray, mask: np.ndarray,
-                   num_features: int, sites: list[str], activation_sites: list[str]) -> Partial:
+                   num_features: int, sites: list[str], activation_sites: list[str],
+                   codes: dict[str, np.ndarray] | None = None) -> Partial:
     """Pass 1 over one shard (see the module docstring). ``labels``: a labeller's (T, F) bool
     (or (T,) ids, -1 none); ``mask``: the tokens counted. Keys: ``tokens``, ``label_counts``,
     ``joint/<site>`` (groups*num_codes, F), ``codes/<site>`` (groups*num_codes,),
-    ``pos/<site>/<feature>`` (positives, dim) float16."""
-    labels, mask = labels[mask], np.asarray(mask, dtype=bool)
+    ``pos/<site>/<feature>`` (positives, dim) float16. ``codes``: per site, (T, groups, k)
+    ids to count instead of the shard's own (the permutation null)."""
+    mask = np.asarray(mask, dtype=bool)
+    labels = labels[mask]
     ids = label_ids(labels) if labels.dtype == bool else labels
     counts = np.bincount(ids[ids >= 0], minlength=num_features)[:num_features]
     out: Partial = {"tokens": np.array([int(mask.sum())]), "label_counts": counts}
     for site in sites:
         info = meta.sites[site]
-        codes = list_to_numpy(table.column(codes_column(site)))[mask].astype(np.int64)
-        codes = codes.reshape(-1, info.groups, info.k)
-        codes = (codes + (np.arange(info.groups) * info.num_codes)[None, :, None])
-        stats = code_feature_stats(codes.reshape(len(codes), -1), ids,
+        codes_here = shard_codes(table, meta, site) if codes is None else codes[site]
+        flat = codes_here[mask] + (np.arange(info.groups) * info.num_codes)[None, :, None]
+        stats = code_feature_stats(flat.reshape(len(flat), info.width), ids,
                                    info.groups * info.num_codes, num_features)
         out[f"joint/{site}"] = stats["joint"]
         out[f"codes/{site}"] = stats["code_counts"]
@@ -80,8 +93,13 @@ def count_partials(table: pa.Table, meta: StoreMeta, labels: np.ndarray, mask: n
     return out
 
 
+def _stacked(key: str) -> bool:
+    """Positives' activations (``pos/...``, also under a prefix such as ``sel/pos/...``)."""
+    return key.startswith("pos/") or "/pos/" in key
+
+
 def merge_partials(a: Partial, b: Partial) -> Partial:
-    """Add counts; stack positives (``pos/`` keys)."""
+    """Add counts; stack positives (``pos/`` keys, prefixed or not)."""
     if not a:
         return b
     if not b:
@@ -91,17 +109,27 @@ def merge_partials(a: Partial, b: Partial) -> Partial:
         value = np.asarray(value)
         if key not in out:
             out[key] = value
-        elif key.startswith("pos/"):
+        elif _stacked(key):
             out[key] = np.concatenate([out[key], value])
         else:
             out[key] = out[key] + value
     return out
 
 
+NO_POSITIVES = "no positives"
+NO_CODE = "no code at recall floor"
+
+
 def best_code_rows(merged: Partial, meta: StoreMeta, sites: list[str],
-                   feature_names: list[str], min_recall: float) -> list[dict[str, Any]]:
+                   feature_names: list[str], min_recall: float,
+                   all_features: bool = False) -> list[dict[str, Any]]:
     """One row per (feature with positives, site): the best code by precision at
-    recall >= ``min_recall`` and the best code by F1 (codes named ``group:code``)."""
+    recall >= ``min_recall`` and the best code by F1 (codes named ``group:code``).
+
+    Every row has ``status``: ``"ok"``, or ``NO_CODE`` when no code co-fires with the feature
+    at that recall (code fields None); ``eligible_codes`` (codes at the recall floor) and
+    ``code_candidates`` (codes searched). ``all_features``: features without positives get
+    their rows too (status ``NO_POSITIVES``), so that every feature is accounted for."""
     rows = []
     label_counts = merged["label_counts"]
     for site in sites:
@@ -113,17 +141,22 @@ def best_code_rows(merged: Partial, meta: StoreMeta, sites: list[str],
         stats = {"precision": precision, "recall": recall, "joint": joint}
         code, p, r = best_code_per_label(stats, min_recall=min_recall)
         f1_code, f1_p, f1_r = best_code_per_label(stats, by="f1")
+        eligible = ((joint > 0) & (recall >= min_recall)).sum(axis=0)
         for f, name in enumerate(feature_names):
-            if label_counts[f] == 0:
+            if label_counts[f] == 0 and not all_features:
                 continue
+            status = NO_POSITIVES if label_counts[f] == 0 else "ok" if code[f] >= 0 else NO_CODE
             rows.append({
                 "feature": name, "site": site, "positives": int(label_counts[f]),
+                "status": status,
                 "code": _code_name(code[f], info.num_codes),
                 "code_precision": _num(p[f]), "code_recall": _num(r[f]),
                 "code_firings": int(code_counts[code[f]]) if code[f] >= 0 else 0,
                 "f1_code": _code_name(f1_code[f], info.num_codes),
                 "f1_precision": _num(f1_p[f]), "f1_recall": _num(f1_r[f]),
                 "f1": _f1(f1_p[f], f1_r[f]),
+                "eligible_codes": int(eligible[f]),
+                "code_candidates": info.groups * info.num_codes,
                 "feature_index": f,
             })
     return rows
@@ -180,10 +213,11 @@ def above_counts(table: pa.Table, mask: np.ndarray, thresholds: dict[str, np.nda
 def neuron_rows(rows: list[dict[str, Any]], thresholds: dict[str, np.ndarray],
                 above: Partial) -> None:
     """Fill each row's best neuron at matched recall (``neuron``, ``neuron_sign``,
-    ``neuron_threshold`` in activation units, ``neuron_precision``; None where no activations
-    were stored) with ``neurons.choose_neurons``."""
+    ``neuron_threshold`` in activation units, ``neuron_precision``, ``neuron_recall``; None
+    where no activations were stored) with ``neurons.choose_neurons``."""
     for row in rows:
-        row.update(neuron=None, neuron_sign=None, neuron_threshold=None, neuron_precision=None)
+        row.update(neuron=None, neuron_sign=None, neuron_threshold=None, neuron_precision=None,
+                   neuron_recall=None)
         candidates = []
         for sign in SIGNS:
             key = f"{row['site']}/{row['feature_index']}/{sign}"
@@ -192,10 +226,16 @@ def neuron_rows(rows: list[dict[str, Any]], thresholds: dict[str, np.ndarray],
                 candidates.append((sign, precision, thresholds[f"thr/{key}"]))
         if candidates:
             best = choose_neurons(candidates)
-            sign = int(best["sign"])
-            row.update(neuron=int(best["neuron"]), neuron_sign=sign,
-                       neuron_precision=float(best["precision"]),
-                       neuron_threshold=float(sign * best["threshold"]))
+            sign, j = int(best["sign"]), int(best["neuron"])
+            pos_above = thresholds[f"pos_above/{row['site']}/{row['feature_index']}/{sign}"][j]
+            row.update(neuron=j, neuron_sign=sign, neuron_precision=float(best["precision"]),
+                       neuron_threshold=float(sign * best["threshold"]),
+                       neuron_recall=float(pos_above) / max(_positives(row), 1))
+
+
+def _positives(row: dict[str, Any]) -> int:
+    """The positives the row's choices were made on (the selection half when held out)."""
+    return int(row.get("positives_selection", row["positives"]))
 
 
 def feature_summary(rows: list[dict[str, Any]], sites: list[str] | None = None

@@ -30,11 +30,8 @@ def load_tokenizer(name_or_path: str, gguf_file: str | None = None) -> Any:
 
     kwargs: dict[str, Any] = {}
     folder = Path(name_or_path).expanduser()
-    if gguf_file is None and folder.is_dir() and not any(
-            (folder / f).is_file() for f in TOKENIZER_FILES):
-        ggufs = sorted(folder.glob("*.gguf"))
-        if len(ggufs) == 1:
-            gguf_file = ggufs[0].name
+    if gguf_file is None and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        gguf_file = single_gguf(folder)
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file
     try:
@@ -43,6 +40,14 @@ def load_tokenizer(name_or_path: str, gguf_file: str | None = None) -> Any:
         raise ConfigError("model.tokenizer", f"cannot load tokenizer {name_or_path!r}: {err}",
                           "point it at a folder with tokenizer.json / vocab files (or one "
                           ".gguf file; reading GGUF needs the gguf package)") from err
+
+
+def single_gguf(folder: str | Path) -> str | None:
+    """The name of the one ``*.gguf`` file in ``folder`` (None: not a folder, or none or
+    several of them)."""
+    folder = Path(folder).expanduser()
+    ggufs = sorted(folder.glob("*.gguf")) if folder.is_dir() else []
+    return ggufs[0].name if len(ggufs) == 1 else None
 
 
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int,

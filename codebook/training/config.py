@@ -41,6 +41,11 @@ class RunSection:
     # steps (checked at log and checkpoint steps; 0 never stops). No checkpoint is written
     # while the loss is non-finite.
     max_nonfinite_steps: int = 20
+    # At eval steps with the codebooks on, the per-site dictionary metrics (CE loss recovered
+    # and KL with only that site's codebook on, against its zero ablation): 2 more forward
+    # passes per site and eval batch. False keeps L0, FVE, dead codes and CE on / off (2
+    # passes per batch): for big models with many sites.
+    eval_site_metrics: bool = True
 
 
 @dataclass

@@ -188,7 +188,7 @@ def train(cfg: TrainConfig, data: LoopData, reporter: Reporter, workers: Workers
                                    None if last_good is None else f"step {last_good}")
         paused = time.perf_counter()  # eval and checkpoints are kept out of tokens/s
         if state.step % cfg.run.eval_every == 0 or is_last:
-            ev = evaluate(model, data.eval(), workers)
+            ev = evaluate(model, data.eval(), workers, cfg.run.eval_site_metrics)
             if workers.rank == 0:
                 reporter.log(state.step, ev)
             last.update(ev)
@@ -208,16 +208,28 @@ def train(cfg: TrainConfig, data: LoopData, reporter: Reporter, workers: Workers
 
 
 @torch.no_grad()
-def evaluate(model: CodebookModel, batches: Iterable[Batch], workers: Workers) -> dict[str, float]:
-    """Eval loss, next-token accuracy, per-site reconstruction MSE and dead-code fraction."""
+def evaluate(model: CodebookModel, batches: Iterable[Batch], workers: Workers,
+             site_metrics: bool = True) -> dict[str, float]:
+    """Eval loss, next-token accuracy, per-site reconstruction MSE and dead-code fraction; once
+    the codebooks are on, also the dictionary metrics (``codebook.analysis.metrics``: L0, FVE,
+    CE with codebooks on / off, dead codes; with ``site_metrics`` the per-site CE loss
+    recovered and KL, 2 more forward passes per site and batch) as ``eval/metrics/...``.
+    Loss, accuracy and ``eval/metrics/...`` are summed over the ranks (every rank returns the
+    whole eval set's figures); the statistics ``eval/<site>/...`` stay this rank's."""
+    from codebook.analysis.metrics import MetricsAccumulator
+
     model.eval()
     model.metrics(reset=True)
     totals = torch.zeros(3, dtype=torch.float64, device=workers.device)  # nll, correct, count
+    codebooks_on = bool(model.codebooks) and all(
+        layer.enabled for layer in model.codebooks.values())  # the same on every rank
+    acc = MetricsAccumulator(model, site_metrics=site_metrics) if codebooks_on else None
     with _recording_stats(model):
         for batch in batches:
             ids = _to_device(batch, workers.device)["input_ids"]
-            out = model(input_ids=ids)
-            logits = out.logits[:, :-1].float()
+            # the accumulator's all-codebooks-on pass is the eval pass itself
+            logits = acc.update(ids) if acc is not None else model(input_ids=ids).logits
+            logits = logits[:, :-1].float()
             target = ids[:, 1:]
             nll = torch.nn.functional.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum")
@@ -230,6 +242,9 @@ def evaluate(model: CodebookModel, batches: Iterable[Batch], workers: Workers) -
     nll, correct, count = totals.tolist()
     result = {names.EVAL_LOSS: nll / max(count, 1), names.EVAL_ACCURACY: correct / max(count, 1)}
     result.update({f"eval/{k}": v for k, v in model.metrics(reset=True).items()})
+    if acc is not None:
+        acc.all_reduce()
+        result.update(acc.result().flat(names.EVAL_METRICS))
     return result
 
 

@@ -14,6 +14,17 @@ EVAL_LOSS = "eval/loss"
 EVAL_ACCURACY = "eval/accuracy"
 DEAD_CODE_FRACTION = "train/codebook/dead_code_fraction"
 TOKENS_PER_S = "tokens_per_s"
+# Dictionary metrics at eval steps once the codebooks are on (codebook.analysis.metrics):
+# eval/metrics/{l0, fve, ce_loss_on, ce_loss_off, ce_loss_recovered, kl, tokens} and per site
+# eval/metrics/<site>/{l0, fve, mse, dead_fraction, ce_loss, ce_loss_recovered, kl}
+# (ce_loss, ce_loss_recovered and kl only with run.eval_site_metrics).
+EVAL_METRICS = "eval/metrics"
+EVAL_L0 = f"{EVAL_METRICS}/l0"
+EVAL_FVE = f"{EVAL_METRICS}/fve"
+EVAL_CE_LOSS_ON = f"{EVAL_METRICS}/ce_loss_on"
+EVAL_CE_LOSS_OFF = f"{EVAL_METRICS}/ce_loss_off"
+EVAL_CE_LOSS_RECOVERED = f"{EVAL_METRICS}/ce_loss_recovered"
+EVAL_KL = f"{EVAL_METRICS}/kl"
 
 # Logged (MLflow) name -> reported (Ray Train / Tune) name.
 REPORTED: dict[str, str] = {

@@ -130,10 +130,11 @@ def classify_state_codes(
     state ids (-1 = not a state position: ignored). ``num_codes`` per site or for all.
 
     Returns ``codebooks`` (list of ``(site, group)``), ``per_codebook`` {code, precision,
-    recall} arrays (C, S), ``best_site`` / ``best_group`` / ``best_code`` / ``precision`` /
-    ``recall`` (S,) for the best code overall (site None, code -1, NaN where none is eligible),
-    ``dedicated`` (S,) bool, ``states_with_dedicated_code``, ``dedicated_by_site`` {site: sorted
-    states}, ``state_counts`` (S,) and ``code_precision`` (``precision_summary``).
+    recall, dedicated} arrays (C, S), ``best_site`` / ``best_group`` / ``best_code`` /
+    ``precision`` / ``recall`` (S,) for the best code overall (site None, code -1, NaN where
+    none is eligible), ``dedicated`` (S,) bool, ``states_with_dedicated_code``,
+    ``dedicated_by_site`` {site: sorted states}, ``state_counts`` (S,) and ``code_precision``
+    (``precision_summary``).
     """
     labels = np.asarray(labels, dtype=np.int64).ravel()
     mask = labels >= 0
@@ -175,7 +176,8 @@ def classify_state_codes(
         by_site[site] = sorted(states)
     return {
         "codebooks": names,
-        "per_codebook": {"code": code_a, "precision": p_a, "recall": r_a},
+        "per_codebook": {"code": code_a, "precision": p_a, "recall": r_a,
+                         "dedicated": dedicated_cb},
         "best_site": [names[best_cb[s]][0] if has[s] else None for s in range(num_states)],
         "best_group": np.where(has, [names[best_cb[s]][1] for s in range(num_states)], -1),
         "best_code": best_code,
