@@ -430,6 +430,11 @@ def test_run_fsm_analysis_report_and_plots(model, fsm, tokens, tmp_path) -> None
         report["intervention_active_codes_mean"]
     assert 0 <= changed <= active and active > 0
     assert set(report["intervention_state_codes"]["by_site"]) == set(model.codebooks)
+    if report["states_with_dedicated_code"]:
+        assert 0 <= report["dedicated_recall_test_mean"] <= 1
+        assert 1 <= report["dedicated_codebooks_per_state_mean"] <= report["codebooks_considered"]
+        assert report["dedicated_codes_firing_test_mean"] <= \
+            report["dedicated_codebooks_per_state_mean"]
     # the dictionary metrics, per site and their mean over sites
     assert set(report["sites"]) == set(model.codebooks)
     fves = [report["sites"][n]["fve"] for n in model.codebooks]

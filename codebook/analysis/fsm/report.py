@@ -123,6 +123,12 @@ class FSMReport:
     neuron_precision_test_mean: float
     neuron_precision_residual_test_mean: float
     states_with_dedicated_code: int
+    # Where the state lives: codebooks holding a code dedicated to the state (of
+    # codebooks_considered), and on the test half the share of the state's positions where one
+    # of its dedicated codes fires and how many of them fire there (means over states with one).
+    dedicated_codebooks_per_state_mean: float
+    dedicated_recall_test_mean: float
+    dedicated_codes_firing_test_mean: float
     states_classified: int
     codebooks_considered: int
     intervention_state_codes_success_rate: float
@@ -209,6 +215,7 @@ def fsm_report(
                for key, acts, cols in (("sites", data.site_acts, data.site_columns),
                                        ("residual", data.residual, data.residual_columns))}
     neuron_dims = {"sites": data.site_acts.shape[1], "residual": data.residual.shape[1]}
+    coverage = _dedicated_coverage(cls, data.codes, data.labels, test, fsm.num_states)
     del data, permuted
 
     rng = np.random.default_rng(st.seed)
@@ -247,6 +254,7 @@ def fsm_report(
         neuron_precision_test_mean=neurons["sites"]["test_summary"]["mean"],
         neuron_precision_residual_test_mean=neurons["residual"]["test_summary"]["mean"],
         states_with_dedicated_code=cls["states_with_dedicated_code"],
+        **coverage,
         states_classified=cp["n"], codebooks_considered=len(cls["codebooks"]),
         intervention_state_codes_success_rate=swap["all"]["success_rate"],
         intervention_state_codes_jsd_normalised=swap["all"]["jsd_normalised"],
@@ -292,6 +300,35 @@ def _dictionary_metrics(model: CodebookModel, tok: torch.Tensor, names: Sequence
     device = next(model.parameters()).device
     batches = (tok[i : i + rows].to(device) for i in range(0, tok.shape[0], rows))
     return dictionary_metrics(model, batches, sites=names).to_dict()
+
+
+def _dedicated_coverage(cls: Mapping[str, Any], codes: Mapping[str, np.ndarray],
+                        labels: np.ndarray, test: np.ndarray, num_states: int
+                        ) -> dict[str, float]:
+    """How much of a state its dedicated codes cover (see ``FSMReport``)."""
+    dedicated, code = cls["per_codebook"]["dedicated"], cls["per_codebook"]["code"]  # (C, S)
+    firing = np.zeros((int(test.sum()), len(cls["codebooks"])), dtype=bool)
+    lab = labels[test]
+    own = code[:, np.clip(lab, 0, None)].T  # (M_test, C): the row's state's code per codebook
+    ok = dedicated[:, np.clip(lab, 0, None)].T & (lab >= 0)[:, None]
+    for i, (site, group) in enumerate(cls["codebooks"]):
+        arr = np.asarray(codes[site])
+        arr = arr[:, None] if arr.ndim == 2 else arr
+        firing[:, i] = ok[:, i] & (arr[test][:, group] == own[:, i][:, None]).any(-1)
+    has = dedicated.any(axis=0)
+    recall, count = [], []
+    for s in np.flatnonzero(has):
+        rows = lab == s
+        if rows.any():
+            recall.append(firing[rows].any(axis=1).mean())
+            count.append(firing[rows].sum(axis=1).mean())
+    nan = math.nan
+    return {
+        "dedicated_codebooks_per_state_mean": float(dedicated.sum(0)[has].mean()) if has.any()
+        else nan,
+        "dedicated_recall_test_mean": float(np.mean(recall)) if recall else nan,
+        "dedicated_codes_firing_test_mean": float(np.mean(count)) if count else nan,
+    }
 
 
 def _codes_held_out(codes: Mapping[str, np.ndarray], labels: np.ndarray, sel: np.ndarray,
