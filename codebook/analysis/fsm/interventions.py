@@ -172,7 +172,7 @@ def intervention_experiment(
         out: dict[str, Any] = {"clean": None, "by_span": {}, "by_site": {}}
         for group, key, edit in progress(plan, "interventions", unit="patch"):
             logp, token_lp, changed = _short_scores(model, fsm, x_a, edit, batch_tokens)
-            res = score(logp, token_lp, a, b, changed if edit else None)
+            res = score(logp, token_lp, a, b)  # a patch replaces every code it covers
             if group == "clean":
                 out[group] = res
             else:
