@@ -9,7 +9,9 @@ recovered ``(CE_zero - CE_site) / (CE_zero - CE_clean)`` and ``KL(clean || site)
 the finetuned model with every codebook off (codebook models are finetuned, so the base model's
 loss is reported apart, as ``ce_loss_base``); ``CE_zero`` zero-ablates the site (all heads of a
 per-head site), with the other codebooks off: ``ablation = "zero"``, SAELens's convention.
-Overall: CE with all codebooks on / off / of the base model, and plain means over the sites.
+Overall: CE with all codebooks on / off / of the base model, plain means over the sites, and
+with ``site_metrics`` the same recovered CE and KL with every site on at once
+(``ce_loss_recovered_all``, ``kl_all``; ``CE_zero`` then zero-ablates every site).
 """
 
 from __future__ import annotations
@@ -69,6 +71,9 @@ class DictionaryMetrics:
     ce_loss_base: float | None  # the original base model, when one was given
     sites: dict[str, SiteMetrics]
     ablation: str = ABLATION
+    ce_loss_zero_all: float | None = None  # every site zeroed at once
+    ce_loss_recovered_all: float | None = None  # every codebook on at once
+    kl_all: float | None = None  # mean per-token KL(clean || every codebook on)
 
     def mean(self, key: str) -> float | None:
         """Plain mean of a site metric over the sites (None where none has it)."""
@@ -79,6 +84,8 @@ class DictionaryMetrics:
         out: dict[str, Any] = {k: _num(self.mean(k)) for k in MEAN_KEYS}
         out.update(ce_loss_on=_num(self.ce_loss_on), ce_loss_off=_num(self.ce_loss_off),
                    ce_loss_base=_num(self.ce_loss_base), ablation=self.ablation,
+                   ce_loss_recovered_all=_num(self.ce_loss_recovered_all),
+                   kl_all=_num(self.kl_all),
                    tokens=self.tokens, predicted_tokens=self.predicted_tokens)
         out["sites"] = {n: {k: _num(getattr(s, k)) for k in SITE_KEYS}
                         for n, s in self.sites.items()}
@@ -128,7 +135,8 @@ class MetricsAccumulator:
         dev = next(model.parameters()).device
         f64 = dict(dtype=torch.float64, device=dev)
         self.device = dev
-        self.totals = torch.zeros(5, **f64)  # ce_on, ce_off, ce_base, predicted, tokens
+        # ce_on, ce_off, ce_base, predicted, tokens, kl_all, ce_zero_all
+        self.totals = torch.zeros(7, **f64)
         self.per_site = torch.zeros(len(self.sites), 6, **f64)  # x_sq, err, l0, ce, ce_zero, kl
         self.x_sum = {s: torch.zeros(model.codebooks[s].dim, **f64) for s in self.sites}
         self.counts = {s: torch.zeros(model.codebooks[s].groups * model.codebooks[s].num_codes,
@@ -173,6 +181,16 @@ class MetricsAccumulator:
         self.totals[4] += mask.sum()
         if self.site_metrics:
             clean_logp = F.log_softmax(clean[:, :-1][valid].float(), -1)
+            self.totals[5] += F.kl_div(F.log_softmax(logits[:, :-1][valid].float(), -1),
+                                       clean_logp, reduction="sum", log_target=True)
+            zeros = [model.codebooks[s].register_forward_hook(
+                lambda m, args, out: torch.zeros_like(out)) for s in self.sites]
+            try:
+                with _codebooks(model, set()):
+                    self.totals[6] += _ce(model(input_ids=ids).logits, targets, valid)
+            finally:
+                for h in zeros:
+                    h.remove()
             for i, s in enumerate(self.sites):
                 with _codebooks(model, {s}):
                     site = model(input_ids=ids).logits
@@ -206,7 +224,7 @@ class MetricsAccumulator:
                 dist.all_reduce(t)
 
     def result(self) -> DictionaryMetrics:
-        ce_on, ce_off, ce_base, pred, tokens = self.totals.tolist()
+        ce_on, ce_off, ce_base, pred, tokens, kl_all, ce_zero_all = self.totals.tolist()
         clean = _div(ce_off, pred)
         sites = {}
         for i, s in enumerate(self.sites):
@@ -223,8 +241,13 @@ class MetricsAccumulator:
                 ce_loss=site_ce, ce_loss_zero_ablation=zero_ce, ce_loss_recovered=recovered,
                 kl=_div(kl, pred) if self.site_metrics else None, groups=layer.groups,
                 num_codes=layer.num_codes, frequencies=counts / max(tokens, 1))
-        return DictionaryMetrics(int(tokens), int(pred), _div(ce_on, pred), clean,
-                                 _div(ce_base, pred) if self.base is not None else None, sites)
+        on, zero_all = _div(ce_on, pred), _div(ce_zero_all, pred)
+        extra = dict(ce_loss_zero_all=zero_all, kl_all=_div(kl_all, pred),
+                     ce_loss_recovered_all=_div(zero_all - on, zero_all - clean)) \
+            if self.site_metrics else {}
+        return DictionaryMetrics(int(tokens), int(pred), on, clean,
+                                 _div(ce_base, pred) if self.base is not None else None, sites,
+                                 **extra)
 
 
 @torch.no_grad()

@@ -143,6 +143,9 @@ class FSMReport:
     intervention_random_codes: dict[str, Any]
     fve_mean: float
     ce_loss_recovered_mean: float
+    # The rest of the dictionary metrics: means over sites (l0, kl, ...), CE on / off, and
+    # every site on at once (ce_loss_recovered_all, kl_all).
+    dictionary_overall: dict[str, Any]
     intervention_success_rate: float
     intervention_mean_overlap: float
     intervention_agreement_with_b: float
@@ -211,7 +214,7 @@ def fsm_report(
     _, null = _codes_held_out(permuted, data.labels, sel, test, fsm.num_states, sizes, st)
     base_rate = np.bincount(data.labels[test], minlength=fsm.num_states) / max(1, test.sum())
     assert data.site_acts is not None and data.residual is not None
-    neurons = {key: _neurons_held_out(acts, cols, data.labels, sel, test, cls["recall"])
+    neurons = {key: neurons_held_out(acts, cols, data.labels, sel, test, cls["recall"])
                for key, acts, cols in (("sites", data.site_acts, data.site_columns),
                                        ("residual", data.residual, data.residual_columns))}
     neuron_dims = {"sites": data.site_acts.shape[1], "residual": data.residual.shape[1]}
@@ -266,6 +269,7 @@ def fsm_report(
         intervention_random_codes_success_rate=inter["random_codes"]["all"]["success_rate"],
         intervention_state_codes=swap, intervention_random_codes=inter["random_codes"],
         fve_mean=dictionary["fve"], ce_loss_recovered_mean=dictionary["ce_loss_recovered"],
+        dictionary_overall={k: v for k, v in dictionary.items() if k != "sites"},
         intervention_success_rate=headline["success_rate"],
         intervention_mean_overlap=headline["mean_overlap"],
         intervention_agreement_with_b=headline["agreement_with_b"],
@@ -353,7 +357,7 @@ def _codes_held_out(codes: Mapping[str, np.ndarray], labels: np.ndarray, sel: np
     return cls, {"precision": precision, "recall": recall}
 
 
-def _neurons_held_out(acts: np.ndarray, columns: Mapping[str, tuple[int, int]],
+def neurons_held_out(acts: np.ndarray, columns: Mapping[str, tuple[int, int]],
                       labels: np.ndarray, sel: np.ndarray, test: np.ndarray,
                       target_recall: np.ndarray) -> dict[str, Any]:
     """The neuron baseline chosen (neuron, sign, threshold) on ``sel`` rows, scored on

@@ -1,0 +1,88 @@
+"""The comparison's YAML file (``configs/compare/*.yaml``), read through ``codebook.schema``.
+
+    name: fsm
+    train_config: configs/fsm.yaml      # model, data and codebook settings of the codebook model
+    codebook_model: RUN/checkpoint_.../hf   # optional: an existing one (else trained here)
+    base_model: BASE/checkpoint_.../hf  # optional: the frozen base (else the codebook run's
+                                        # checkpoint at codebook.start_step, before codebooks)
+    sae: {steps: 3000, batch_tokens: 2048}
+    posthoc: {steps: 3000, batch_tokens: 2048}
+    cache: {sequences: 4096}
+    analysis: {eval_sequences: 256, max_pairs: 500}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from codebook.compare.methods import METHODS, FitOptions
+from codebook.errors import ConfigError
+from codebook.schema import build, read_yaml, set_dotted
+
+
+@dataclass
+class CacheOptions:
+    """Base-model activations at the sites, collected by Ray Data actors."""
+
+    sequences: int = 2048  # FSM: fresh training-distribution sequences; text: corpus blocks
+    rows_per_shard: int = 256
+    batch_rows: int = 64  # rows per forward pass in an actor
+    num_workers: int = 1  # actors
+
+
+@dataclass
+class AnalysisOptions:
+    """The held-out FSM report's choices (``codebook.analysis.fsm.Settings``)."""
+
+    eval_sequences: int = 256  # FSM: the fixed eval set; text: corpus blocks not cached
+    max_pairs: int = 500
+    seed: int = 0
+    test_fraction: float = 0.5
+    min_recall: float = 0.2
+
+
+@dataclass
+class CompareConfig:
+    name: str
+    train_config: str
+    codebook_model: str | None = None
+    base_model: str | None = None
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    train_overrides: list[str] = field(default_factory=list)  # --set for the training config
+    sae: FitOptions = field(default_factory=FitOptions)
+    posthoc: FitOptions = field(default_factory=FitOptions)
+    cache: CacheOptions = field(default_factory=CacheOptions)
+    analysis: AnalysisOptions = field(default_factory=AnalysisOptions)
+    # Text: regex features (the library's defaults plus this YAML file's) and the block size.
+    features: str | None = None
+    block_size: int = 256
+    out: str = "~/codebook-runs/compare"
+    tracking_uri: str | None = None
+    experiment: str = "codebook-compare"
+
+    def __post_init__(self) -> None:
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad:
+            raise ValueError(f"unknown method {bad[0]!r}: use some of {list(METHODS)}")
+        if "codebook" not in self.methods:
+            raise ValueError("methods must include 'codebook': the other rows are sized by it")
+        for sec in ("sae", "posthoc"):
+            opts: FitOptions = getattr(self, sec)
+            if opts.steps < 1 or opts.batch_tokens < 1:
+                raise ValueError(f"{sec}.steps and {sec}.batch_tokens must be >= 1")
+
+
+def load_compare_config(path: str | Path, overrides: list[str] | None = None) -> CompareConfig:
+    """Read, override (``key=value``, YAML values) and check a comparison file."""
+    import yaml
+
+    data = read_yaml(path, "--config", "pass a YAML file (see configs/compare/)")
+    if not isinstance(data, dict):
+        raise ConfigError("--config", f"{path} is not a mapping", "see configs/compare/")
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError("--set", f"got {item!r}", "use key=value")
+        set_dotted(data, key, yaml.safe_load(value))
+    return build(CompareConfig, data, "")
