@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -69,7 +70,7 @@ def count_codes(model: CodebookModel, tokenizer: Any, texts: Sequence[str], site
         layer = model.codebooks[s]
         codes = res["codes"][s].astype(np.int64)  # (T, groups, k)
         flat = codes + (np.arange(layer.groups) * layer.num_codes)[None, :, None]
-        counts[s] = np.bincount(flat.ravel(), minlength=layer.groups * layer.num_codes)
+        counts[s] = np.bincount(flat[codes >= 0], minlength=layer.groups * layer.num_codes)
     return counts, len(res["token_id"])
 
 
@@ -251,3 +252,57 @@ def perplexity(model: Any, tokenizer: Any, texts: Sequence[str]) -> float | None
         count += ids.shape[1] - 1
     return math.exp(total / count) if count else None
 
+
+def steering_table(model: CodebookModel, tokenizer: Any, spec: dict[str, Any], *,
+                   sites: Sequence[str] | None = None, codes: int = 10, select: str = "ranked",
+                   candidates: int = 20, min_count: int = 2, mode: ForceMode = "overwrite",
+                   samples: int = 10, max_new_tokens: int = 200, temperature: float = 1.0,
+                   seed: int = 0) -> dict[str, Any]:
+    """``pipelines/steer.py``'s experiment on a loaded model and a topics spec
+    (``codebook.topics.load_topics``): per topic, ``codes`` codes found (``select``:
+    ``ranked`` or ``effect``), ``samples`` baseline and steered samples per prompt (the same
+    seeds), the share matching the topic's regex and the perplexity of both with the codebooks
+    off. Returns ``rows`` (one per topic) and ``samples``."""
+    def rate(batch: list[dict[str, Any]], pattern: re.Pattern) -> float:
+        return sum(bool(pattern.search(s["text"])) for s in batch) / len(batch)
+
+    def fluency(batch: list[dict[str, Any]]) -> float | None:
+        with model.codebooks_disabled():
+            return perplexity(model, tokenizer, [s["prompt"] + s["text"] for s in batch])
+
+    gen = {"samples": samples, "max_new_tokens": max_new_tokens,
+           "temperature": temperature, "seed": seed}
+    names = list(sites or model.codebooks)
+    for s in names:
+        model.site(s)  # clear error for an unknown site, before any work
+    baseline = generate(model, tokenizer, spec["prompts"], **gen)
+    k_min = min(model.codebooks[s].k for s in names)  # overwrite forces at most k per group
+    background = count_codes(model, tokenizer, spec["background"], names)  # once for all
+    probe = tokenizer(spec["background"][0], return_tensors="pt",
+                      add_special_tokens=False)["input_ids"][:, :256]  # for select="effect"
+    baseline_ppl = fluency(baseline)
+    rows, out = [], [{**s, "topic": None, "condition": "baseline"} for s in baseline]
+    for topic in spec["topics"]:
+        if select == "effect":
+            chosen = find_codes_by_effect(model, tokenizer, topic["topic_texts"], background,
+                                          names, probe, topic["token_ids"], candidates,
+                                          min_count, mode)[:codes]
+        else:
+            chosen = find_topic_codes(model, tokenizer, topic["topic_texts"], background, names,
+                                      top=codes, min_count=min_count,
+                                      max_per_group=k_min if mode == "overwrite" else None)
+        if not chosen:
+            print(f"topic {topic['name']!r}: no code is enriched on its texts; skipped",
+                  file=sys.stderr, flush=True)
+        steered = generate(model, tokenizer, spec["prompts"], codes=chosen, mode=mode,
+                           **gen) if chosen else []
+        out += [{**s, "topic": topic["name"], "condition": "steered"} for s in steered]
+        rows.append({
+            "topic": topic["name"], "regex": topic["regex"].pattern,
+            "baseline_rate": rate(baseline, topic["regex"]),
+            "steered_rate": rate(steered, topic["regex"]) if steered else None,
+            "codes_used": [c["name"] for c in chosen],
+            "baseline_perplexity": baseline_ppl,
+            "steered_perplexity": fluency(steered) if steered else None,
+        })
+    return {"rows": rows, "samples": out}

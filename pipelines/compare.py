@@ -68,6 +68,10 @@ def prepare(args: argparse.Namespace):
         from codebook.analysis.features import load_features
 
         load_features(cfg.features)  # every regex compiled here
+        if cfg.topics:
+            from codebook.topics import load_topics
+
+            load_topics(cfg.topics, None)
     if cfg.codebook_model:
         cfg.codebook_model = str(verify_model_dir(cfg.codebook_model, "codebook_model"))
     if cfg.base_model:
@@ -156,7 +160,7 @@ def run(cfg, train, out: Path, quick: bool) -> dict:
         data = torch.from_numpy(fsm.eval_set(cfg.analysis.eval_sequences))
     else:
         fsm = None
-        blocks = _text_blocks(cfg, train, base_path, base_gguf)
+        blocks, tokenizer = _text_blocks(cfg, train, base_path, base_gguf)
         order = rng.permutation(blocks.ids.shape[0])
         n_cache = min(cfg.cache.sequences, len(order) // 2)
         cache_tokens = blocks.ids[order[:n_cache]]
@@ -180,8 +184,10 @@ def run(cfg, train, out: Path, quick: bool) -> dict:
                                        log=log(name))
     if "neuron" in cfg.methods:
         fitted["neuron"] = M.neuron_model(base, config)
-    score = _score_fsm if fsm is not None else _score_text
-    rows, reports = score(cfg, fitted, fsm, data)
+    if fsm is not None:
+        rows, reports = _score_fsm(cfg, fitted, fsm, data)
+    else:
+        rows, reports = _score_text(cfg, fitted, data, tokenizer)
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     summary = {"name": cfg.name, "quick": quick, "task": train.data.source,
                "codebook_model": str(cb_path), "base_model": str(base_path),
@@ -241,7 +247,7 @@ def _text_blocks(cfg, train, base_path: str, base_gguf: str | None):
                           "point data.paths at text files")
     tokenizer = load_tokenizer(train.model.tokenizer or base_path, base_gguf)
     return text_blocks(tokenizer, read_documents(source, 0, source["num_documents"]),
-                       cfg.block_size, load_features(cfg.features))
+                       cfg.block_size, load_features(cfg.features)), tokenizer
 
 
 def _score_fsm(cfg, fitted, fsm, tokens):
@@ -267,7 +273,7 @@ def _score_fsm(cfg, fitted, fsm, tokens):
     return rows, reports
 
 
-def _score_text(cfg, fitted, fsm, blocks):
+def _score_text(cfg, fitted, blocks, tokenizer):
     from codebook.compare.text import text_row
 
     a = cfg.analysis
@@ -284,8 +290,31 @@ def _score_text(cfg, fitted, fsm, blocks):
                        dictionary_size=sum(widths) / len(widths),
                        note="the site's own units; nothing spliced")
         row.pop("units_nonzero", None)
+        if cfg.topics and name != "neuron":
+            row.update(_steering(cfg, fit.model, tokenizer))
         rows.append(_timed(row, fit, t))
     return rows, {}
+
+
+def _steering(cfg, model, tokenizer) -> dict:
+    """Topic steering with this method's features (``codebook.steering.steering_table``)."""
+    from codebook.steering import steering_table, topic_token_ids
+    from codebook.topics import load_topics
+
+    spec = load_topics(cfg.topics, None)
+    for topic in spec["topics"]:
+        topic["token_ids"] = topic_token_ids(tokenizer, topic["regex"])
+    o = cfg.steering
+    res = steering_table(model, tokenizer, spec, codes=o.codes, select=o.select, mode=o.mode,
+                         samples=o.samples, max_new_tokens=o.max_new_tokens,
+                         seed=cfg.analysis.seed)
+    rates = [r["steered_rate"] for r in res["rows"] if r["steered_rate"] is not None]
+    return {"steering_baseline_rate": sum(r["baseline_rate"] for r in res["rows"])
+            / len(res["rows"]),
+            "steering_rate": sum(rates) / len(rates) if rates else None,
+            "steering_topics_ge_060": sum(r >= 0.6 for r in rates),
+            "steering_topics": len(res["rows"]),
+            "steering": {r["topic"]: r["steered_rate"] for r in res["rows"]}}
 
 
 def _timed(row: dict, fit, started: float) -> dict:

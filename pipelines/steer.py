@@ -77,58 +77,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace, spec: dict[str, Any], model: Any, tokenizer: Any
         ) -> dict[str, Any]:
-    """Find codes, generate, score; returns the table rows and all samples."""
-    from codebook.steering import (
-        count_codes,
-        find_codes_by_effect,
-        find_topic_codes,
-        generate,
-        perplexity,
-    )
+    """Find codes, generate, score (``codebook.steering.steering_table``)."""
+    from codebook.steering import steering_table
 
-    def rate(samples, pattern) -> float:
-        return sum(bool(pattern.search(s["text"])) for s in samples) / len(samples)
-
-    def fluency(samples) -> float | None:
-        with model.codebooks_disabled():
-            return perplexity(model, tokenizer, [s["prompt"] + s["text"] for s in samples])
-
-    gen = {"samples": args.samples, "max_new_tokens": args.max_new_tokens,
-           "temperature": args.temperature, "seed": args.seed}
-    baseline = generate(model, tokenizer, spec["prompts"], **gen)
-    sites = args.sites or list(model.codebooks)
-    for s in sites:
-        model.site(s)  # clear error for an unknown site, before any work
-    k_min = min(model.codebooks[s].k for s in sites)  # overwrite forces at most k per group
-    background = count_codes(model, tokenizer, spec["background"], sites)  # once for all topics
-    probe = tokenizer(spec["background"][0], return_tensors="pt",
-                      add_special_tokens=False)["input_ids"][:, :256]  # for --select effect
-    baseline_ppl = fluency(baseline)
-    rows, samples = [], [{**s, "topic": None, "condition": "baseline"} for s in baseline]
-    for topic in spec["topics"]:
-        if args.select == "effect":
-            codes = find_codes_by_effect(model, tokenizer, topic["topic_texts"], background,
-                                         sites, probe, topic["token_ids"], args.candidates,
-                                         args.min_count, args.mode)[:args.codes]
-        else:
-            codes = find_topic_codes(model, tokenizer, topic["topic_texts"], background, sites,
-                                     top=args.codes, min_count=args.min_count,
-                                     max_per_group=k_min if args.mode == "overwrite" else None)
-        if not codes:
-            print(f"topic {topic['name']!r}: no code is enriched on its texts; skipped",
-                  file=sys.stderr, flush=True)
-        steered = generate(model, tokenizer, spec["prompts"], codes=codes, mode=args.mode,
-                           **gen) if codes else []
-        samples += [{**s, "topic": topic["name"], "condition": "steered"} for s in steered]
-        rows.append({
-            "topic": topic["name"], "regex": topic["regex"].pattern,
-            "baseline_rate": rate(baseline, topic["regex"]),
-            "steered_rate": rate(steered, topic["regex"]) if steered else None,
-            "codes_used": [c["name"] for c in codes],
-            "baseline_perplexity": baseline_ppl,
-            "steered_perplexity": fluency(steered) if steered else None,
-        })
-    return {"rows": rows, "samples": samples}
+    return steering_table(model, tokenizer, spec, sites=args.sites, codes=args.codes,
+                          select=args.select, candidates=args.candidates,
+                          min_count=args.min_count, mode=args.mode, samples=args.samples,
+                          max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                          seed=args.seed)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -205,7 +205,13 @@ def test_text_comparison_scores_regex_features(tmp_path, tok_dir, tokenizer):
             "sae": {"steps": 30, "batch_tokens": 128}, "posthoc": {"steps": 30,
                                                                    "batch_tokens": 128},
             "cache": {"sequences": 64, "rows_per_shard": 32},
-            "analysis": {"eval_sequences": 48}}
+            "analysis": {"eval_sequences": 48},
+            "topics": str(tmp_path / "topics.yaml"),
+            "steering": {"codes": 2, "samples": 2, "max_new_tokens": 8}}
+    topics = {"prompts": ["In", "The"], "background_texts": lines(30),
+              "topics": [{"name": "years", "regex": r"\b19\d\d\b",
+                          "topic_texts": [f"In {1990 + j} and {1991 + j}." for j in range(9)]}]}
+    (tmp_path / "topics.yaml").write_text(yaml.safe_dump(topics))
     (tmp_path / "compare.yaml").write_text(yaml.safe_dump(spec))
     cmd = [sys.executable, "pipelines/compare.py", "--config", str(tmp_path / "compare.yaml"),
            "--out", str(tmp_path / "out")]
@@ -222,4 +228,9 @@ def test_text_comparison_scores_regex_features(tmp_path, tok_dir, tokenizer):
         for key in ("fve", "ce_loss_recovered", "kl", "ce_loss_recovered_all", "kl_all"):
             assert row[key] is not None, (method, key)
     assert rows["neuron"]["l0"] > rows["sae_4x"]["l0"] > rows["sae"]["l0"] > 0
+    for method in METHODS[:-1]:  # topic steering with each method's own features
+        row = rows[method]
+        assert row["steering_topics"] == 1 and 0 <= row["steering_baseline_rate"] <= 1
+        assert row["steering"]["years"] is None or 0 <= row["steering"]["years"] <= 1
+    assert "steering_rate" not in rows["neuron"]
     assert (tmp_path / "out" / "table.md").read_text().count("regex prec. (test)") == 1

@@ -43,6 +43,25 @@ class AnalysisOptions:
 
 
 @dataclass
+class SteeringOptions:
+    """Topic steering on text (``codebook.steering.steering_table``): per topic of the
+    ``topics`` file, ``codes`` features found on its texts, forced on while sampling (an SAE
+    latent at its mean active value)."""
+
+    codes: int = 4
+    samples: int = 4
+    max_new_tokens: int = 64
+    mode: str = "overwrite"
+    select: str = "ranked"
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("overwrite", "add", "replace"):
+            raise ValueError(f"mode {self.mode!r}: use overwrite, add or replace")
+        if self.select not in ("ranked", "effect"):
+            raise ValueError(f"select {self.select!r}: use ranked or effect")
+
+
+@dataclass
 class CompareConfig:
     name: str
     train_config: str
@@ -57,6 +76,8 @@ class CompareConfig:
     # Text: regex features (the library's defaults plus this YAML file's) and the block size.
     features: str | None = None
     block_size: int = 256
+    topics: str | None = None  # a topics file (codebook/topics.py): topic steering per method
+    steering: SteeringOptions = field(default_factory=SteeringOptions)
     out: str = "~/codebook-runs/compare"
     tracking_uri: str | None = None
     experiment: str = "codebook-compare"

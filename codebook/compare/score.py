@@ -49,7 +49,9 @@ COLUMNS = {  # (key, header) of the Markdown table per task, in order
     "text": RECONSTRUCTION + (
         ("ce_loss_on", "CE on (all)"), ("ce_loss_off", "CE clean"),
         ("regex_precision_test", "regex prec. (test)"),
-        ("regex_precision_selection", "(selection)"), ("regex_coverage", "coverage")) + TIMES,
+        ("regex_precision_selection", "(selection)"), ("regex_coverage", "coverage"),
+        ("steering_baseline_rate", "topic rate (base)"), ("steering_rate", "(steered)"),
+        ("steering_topics_ge_060", "topics >= 0.6")) + TIMES,
 }
 
 
