@@ -18,7 +18,7 @@ def load_base(path: str | Path, gguf_file: str | None = None) -> Any:
     if Path(path).exists() or looks_local(str(path)):
         check_model_folder(Path(path), "base_model", gguf_file=gguf_file)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    model = AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=torch.float32, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, **kwargs)
     return model.eval()
 
 
