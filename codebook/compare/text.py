@@ -2,7 +2,7 @@
 
 Blocks of ``block_size`` tokens are cut from each document (tails dropped); every token carries
 the regex features (``codebook.analysis.features``) its characters overlap. The held-out split
-is by block (a corpus of a few large files has too few documents to split): each feature's best
+is by block, not by document (blocks of one document can fall on both sides): each feature's best
 feature of a method (a code or SAE latent, recall >= ``min_recall``) is chosen on the selection
 blocks and scored on the test blocks; neurons at the codebook's recall per feature.
 """
