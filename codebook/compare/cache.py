@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save
+from safetensors import safe_open
+from safetensors.torch import save
 from torch import nn
 
 from codebook.errors import ConfigError
@@ -122,8 +123,10 @@ class ActivationCache:
                               f"cached sites: {sorted(self.sites)}")
         return self.sites[name]
 
-    def shard(self, i: int) -> dict[str, torch.Tensor]:
-        return load_file(str(self.root / SHARD.format(i)))
+    def shard(self, i: int, name: str) -> torch.Tensor:
+        """One site's (tokens, dim) activations of shard ``i`` (the other sites not read)."""
+        with safe_open(str(self.root / SHARD.format(i)), framework="pt") as fh:
+            return fh.get_tensor(name)
 
     def batches(self, name: str, batch_tokens: int, seed: int = 0) -> Iterator[torch.Tensor]:
         """(batch_tokens, dim) batches of one site, shards in a seeded order, tokens shuffled
@@ -131,7 +134,7 @@ class ActivationCache:
         self.site(name)
         rng = np.random.default_rng(seed)
         for i in rng.permutation(self.shards):
-            x = self.shard(int(i))[name]
+            x = self.shard(int(i), name)
             order = torch.as_tensor(rng.permutation(x.shape[0]))
             for start in range(0, x.shape[0] - batch_tokens + 1, batch_tokens):
                 yield x[order[start : start + batch_tokens]]
@@ -143,11 +146,6 @@ class ActivationCache:
         g = torch.Generator().manual_seed(seed)
         parts = []
         for i in range(self.shards):
-            x = self.shard(i)[name]
+            x = self.shard(i, name)
             parts.append(x[torch.randperm(x.shape[0], generator=g)[:per]])
         return torch.cat(parts)[:n]
-
-
-def shard_ranges(rows: int, rows_per_shard: int) -> list[tuple[int, int]]:
-    """[start, stop) row ranges of the shards."""
-    return [(s, min(s + rows_per_shard, rows)) for s in range(0, rows, rows_per_shard)]

@@ -30,6 +30,11 @@ class CacheOptions:
     batch_rows: int = 64  # rows per forward pass in an actor
     num_workers: int = 1  # actors
 
+    def __post_init__(self) -> None:
+        for name in ("sequences", "rows_per_shard", "batch_rows", "num_workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"cache.{name} must be >= 1, got {getattr(self, name)}")
+
 
 @dataclass
 class AnalysisOptions:

@@ -132,8 +132,7 @@ def sae_model(base: nn.Module, config: CodebookConfig, cache: ActivationCache,
 
         info[name] = train_sparse_coder(coder, batches, opts.steps, opts.lr,
                                         log=None if log is None else
-                                        (lambda s, f, n=name: log(n, s, f) if s % 100 == 0
-                                         else None))
+                                        (lambda s, f, n=name: log(n, s, f)))
         tokens += opts.steps * opts.batch_tokens
         sae = SparseCoderLayer(coder)
         sae.set_mean_activations(x for i, x in zip(range(8), batches(), strict=False))
@@ -143,15 +142,3 @@ def sae_model(base: nn.Module, config: CodebookConfig, cache: ActivationCache,
             coder.save_to_disk(Path(save_to) / name)
     model.eval()
     return Fitted(model, time.perf_counter() - t0, tokens, info)
-
-
-def load_sae_model(base: nn.Module, config: CodebookConfig, folder: str | Path) -> CodebookModel:
-    """SAEs saved by :func:`sae_model` (sparsify's ``load_from_disk``) back at their sites."""
-    from codebook.compare.sparse_coder import require_sparsify
-
-    sparsify = require_sparsify()
-    model = _wrap(base, config)
-    for name in list(model.codebooks):
-        coder = sparsify.SparseCoder.load_from_disk(Path(folder) / name)
-        model.codebooks[name] = SparseCoderLayer(coder)
-    return model.eval()

@@ -99,7 +99,7 @@ class SparseCoderLayer(CodebookLayer):
         ids, acts = ids.unsqueeze(1), acts.unsqueeze(1)  # (n, 1, k): one group
         if self.editors:
             edited, keep = self._apply_editors(ids.clamp_min(0), lead, positions)
-            k, m = ids.shape[-1], edited.shape[-1]
+            k = ids.shape[-1]
             values = self.mean_act[edited].to(acts.dtype)  # edited or forced: mean active value
             same = edited[..., :k] == ids.clamp_min(0)
             values[..., :k] = torch.where(same, acts, values[..., :k])
@@ -107,7 +107,6 @@ class SparseCoderLayer(CodebookLayer):
             alive[..., :k] = ids >= 0
             ids = edited.masked_fill(~(keep & alive) | (values <= 0), -1)
             acts = values
-            del m
         out = self.decode(ids[:, 0], acts[:, 0]).to(x.dtype)
         err = (out.float() - flat.float()).pow(2).sum(-1)
         self.last_losses = LayerLosses(recon=err.mean(), commit=err.mean())
@@ -123,10 +122,11 @@ class SparseCoderLayer(CodebookLayer):
 
 def train_sparse_coder(coder: Any, batches: Callable[[], Iterable[torch.Tensor]], steps: int,
                        lr: float | None = None, auxk_alpha: float = 1 / 32,
-                       dead_tokens: int = 100_000, log: Callable[[int, float], None] | None = None
-                       ) -> dict[str, float]:
+                       dead_tokens: int = 100_000, log: Callable[[int, float], None] | None = None,
+                       log_every: int = 100) -> dict[str, float]:
     """Train ``coder`` for ``steps`` batches drawn from ``batches()`` (re-called when it runs
-    out), sparsify's recipe (module docstring). Returns the final fvu and dead-latent share."""
+    out), sparsify's recipe (module docstring); ``log(step, fvu)`` every ``log_every`` steps
+    and at the end (the only host syncs). Returns the final fvu and dead-latent share."""
     from schedulefree import ScheduleFreeWrapper
     from sparsify.sign_sgd import SignSGD
 
@@ -134,7 +134,7 @@ def train_sparse_coder(coder: Any, batches: Callable[[], Iterable[torch.Tensor]]
     opt = ScheduleFreeWrapper(SignSGD([{"params": coder.parameters(), "lr": lr}]), momentum=0.95)
     opt.train()
     since_fired = torch.zeros(coder.num_latents, dtype=torch.long)
-    step, fvu = 0, math.nan
+    step, fvu = 0, None
     while step < steps:
         for x in batches():
             x = x.to(coder.dtype)
@@ -150,10 +150,10 @@ def train_sparse_coder(coder: Any, batches: Callable[[], Iterable[torch.Tensor]]
             opt.zero_grad()
             since_fired += x.shape[0]
             since_fired[out.latent_indices.flatten()] = 0
-            fvu = float(out.fvu.detach())
+            fvu = out.fvu.detach()
             step += 1
-            if log is not None:
-                log(step, fvu)
+            if log is not None and (step % log_every == 0 or step == steps):
+                log(step, float(fvu))
             if step >= steps:
                 break
         else:
@@ -162,4 +162,5 @@ def train_sparse_coder(coder: Any, batches: Callable[[], Iterable[torch.Tensor]]
                                   "collect the cache again (it is empty)")
     opt.eval()  # schedule-free: the averaged weights are the trained ones
     coder.set_decoder_norm_to_unit_norm()
-    return {"fvu": fvu, "dead_fraction": float((since_fired > dead_tokens).float().mean())}
+    return {"fvu": math.nan if fvu is None else float(fvu),
+            "dead_fraction": float((since_fired > dead_tokens).float().mean())}

@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from codebook.compare.cache import SHARD, ActivationCache, shard_ranges, write_meta
+from codebook.compare.cache import SHARD, ActivationCache, write_meta
+from codebook.extraction import plan_shards
 
 
 class _CollectShard:
@@ -67,7 +68,7 @@ def collect_cache(base: str, codebook_config: dict[str, Any], sites: dict[str, i
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    ranges = shard_ranges(tokens.shape[0], rows_per_shard)
+    ranges = [(p["start"], p["stop"]) for p in plan_shards(tokens.shape[0], rows_per_shard)]
     todo = [i for i in range(len(ranges)) if not (root / SHARD.format(i)).is_file()]
     if todo:
         cpus = max(1.0, float(ray.available_resources().get("CPU", 1)) / num_workers)
