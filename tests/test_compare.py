@@ -183,6 +183,26 @@ def test_quick_comparison_has_every_method_and_metric(tmp_path):
 
 
 @pytest.mark.slow
+def test_text_split_keeps_each_document_on_one_side(tokenizer):
+    import numpy as np
+
+    from codebook.analysis.features import RegexFeature
+    from codebook.compare.text import split_by_document, text_blocks
+
+    texts = [" ".join(f"w{d} {i}" for i in range(40 * (d + 1))) for d in range(6)]
+    blocks = text_blocks(tokenizer, texts, 16, [RegexFeature("digits", r"\d+")])
+    assert blocks.docs.shape == (blocks.ids.shape[0],)
+    assert sorted(set(blocks.docs.tolist())) == list(range(6))
+    assert (np.bincount(blocks.docs) > 1).any()  # documents with several blocks
+    sel, test = split_by_document(blocks.docs, seed=0, test_fraction=0.5)
+    assert sel.any() and test.any() and not (sel & test).any() and (sel | test).all()
+    assert not set(blocks.docs[sel]) & set(blocks.docs[test])  # no document on both sides
+    again = split_by_document(blocks.take(np.arange(len(blocks.docs))).docs, 0, 0.5)
+    assert (again[0] == sel).all()
+    with pytest.raises(ValueError, match="at least 2 documents"):
+        split_by_document(np.zeros(5, dtype=int), 0, 0.5)
+
+
 def test_text_comparison_scores_regex_features(tmp_path, tok_dir, tokenizer):
     import yaml
     from text_helpers import lines

@@ -117,7 +117,7 @@ def run(cfg: Any, train: Any, out: Path, quick: bool, collect_cache: Callable[..
         n_cache = min(cfg.cache.sequences, len(order) // 2)
         cache_tokens = blocks.ids[order[:n_cache]]
         keep = order[n_cache : n_cache + cfg.analysis.eval_sequences]
-        data = type(blocks)(blocks.ids[keep], blocks.labels[keep], blocks.names)
+        data = blocks.take(keep)
     cache = collect_cache(base_path, config.to_dict(), sites, cache_tokens, out / "cache",
                           cfg.cache.rows_per_shard, cfg.cache.batch_rows, cfg.cache.num_workers,
                           gguf_file=base_gguf)

@@ -2,9 +2,10 @@
 
 Blocks of ``block_size`` tokens are cut from each document (tails dropped); every token carries
 the regex features (``codebook.analysis.features``) its characters overlap. The held-out split
-is by block, not by document (blocks of one document can fall on both sides): each feature's best
-feature of a method (a code or SAE latent, recall >= ``min_recall``) is chosen on the selection
-blocks and scored on the test blocks; neurons at the codebook's recall per feature.
+is by document: all blocks of a document fall on the same side, so a feature chosen on one
+passage is never scored on the next passage of the same article. Each feature's best feature of
+a method (a code or SAE latent, recall >= ``min_recall``) is chosen on the selection documents
+and scored on the test documents; neurons at the codebook's recall per feature.
 """
 
 from __future__ import annotations
@@ -30,22 +31,44 @@ class TextBlocks:
     ids: np.ndarray  # (n, block_size) token ids
     labels: np.ndarray  # (n, block_size, F) bool
     names: list[str]  # the features
+    docs: np.ndarray  # (n,) the document each block was cut from
+
+    def take(self, rows: np.ndarray) -> TextBlocks:
+        """These blocks only (``rows``: indices)."""
+        return TextBlocks(self.ids[rows], self.labels[rows], self.names, self.docs[rows])
+
+
+def split_by_document(docs: np.ndarray, seed: int, test_fraction: float
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Boolean (selection, test) masks over blocks: the documents are split
+    (``codebook.analysis.heldout.split_halves``), each block follows its document."""
+    unique = np.unique(docs)
+    if unique.size < 2:
+        raise ValueError(f"a held-out split by document needs blocks from at least 2 documents; "
+                         f"the evaluation blocks come from {unique.size}: raise "
+                         "analysis.eval_sequences or add documents")
+    _, test_docs = split_halves(unique.size, seed, test_fraction)
+    test = np.isin(docs, unique[test_docs])
+    return ~test, test
 
 
 def text_blocks(tokenizer: Any, texts: Sequence[str], block_size: int,
                 features: Sequence[RegexFeature]) -> TextBlocks:
     """Every whole block of every document, with its tokens' regex labels."""
-    ids, labels = [], []
-    for text, (tok, offsets) in zip(texts, document_offsets(tokenizer, list(texts)), strict=True):
+    ids, labels, docs = [], [], []
+    pairs = zip(texts, document_offsets(tokenizer, list(texts)), strict=True)
+    for d, (text, (tok, offsets)) in enumerate(pairs):
         n = len(tok) // block_size
         if not n:
             continue
         lab = regex_token_labels(text, offsets, list(features))
         ids.append(np.asarray(tok[: n * block_size]).reshape(n, block_size))
         labels.append(lab[: n * block_size].reshape(n, block_size, -1))
+        docs.append(np.full(n, d))
     if not ids:
         raise ValueError(f"no document holds a whole block of {block_size} tokens")
-    return TextBlocks(np.concatenate(ids), np.concatenate(labels), [f.name for f in features])
+    return TextBlocks(np.concatenate(ids), np.concatenate(labels), [f.name for f in features],
+                      np.concatenate(docs))
 
 
 @torch.no_grad()
@@ -75,14 +98,11 @@ def _record(model: CodebookModel, ids: np.ndarray, batch: int
 def regex_scores(model: CodebookModel, blocks: TextBlocks, seed: int, test_fraction: float,
                  min_recall: float, batch: int = 8, target_recall: np.ndarray | None = None
                  ) -> dict[str, Any]:
-    """Per feature: the best code (or latent) chosen on the selection blocks and its test
+    """Per feature: the best code (or latent) chosen on the selection documents and its test
     precision and recall; with ``target_recall`` the best neuron (site inputs) at that recall
     instead."""
-    sel_blocks, _ = split_halves(blocks.ids.shape[0], seed, test_fraction)
-    tokens = blocks.ids.shape[1]
-    sel = np.zeros(blocks.ids.shape[0] * tokens, dtype=bool)
-    for b in sel_blocks:
-        sel[b * tokens : (b + 1) * tokens] = True
+    sel_blocks, _ = split_by_document(blocks.docs, seed, test_fraction)
+    sel = np.repeat(sel_blocks, blocks.ids.shape[1])  # per token
     test = ~sel
     labels = blocks.labels.reshape(-1, blocks.labels.shape[-1])
     nf = labels.shape[1]
