@@ -61,12 +61,14 @@ def tokenise_documents(docs: list[str] | np.ndarray, first_doc_id: int, tokenize
 @torch.no_grad()
 def extract_windows(model: Any, windows: dict[str, np.ndarray], sites: list[str],
                     activation_sites: list[str], batch_size: int = 8,
-                    device: torch.device | str = "cpu") -> dict[str, Any]:
+                    device: torch.device | str = "cpu",
+                    score_sites: list[str] | None = None) -> dict[str, Any]:
     """Run ``model`` over tokenised windows; per real token: ids, positions and codes.
 
     Right padding needs no attention mask: a causal model's outputs at real tokens do not
     depend on the pad tokens after them. Returns ``doc_id``, ``position``, ``token_id`` (T,)
-    and ``codes`` {site: (T, groups, k)}, ``acts`` {site: (T, dim) float16}.
+    and ``codes`` {site: (T, groups, k)}, ``acts`` {site: (T, dim) float16}, ``scores``
+    {site: (T, groups, k) float16} for ``score_sites``.
     """
     from codebook.interventions import read_codes
 
@@ -75,13 +77,16 @@ def extract_windows(model: Any, windows: dict[str, np.ndarray], sites: list[str]
     parts: dict[str, list] = {"doc_id": [], "position": [], "token_id": []}
     codes: dict[str, list] = {s: [] for s in sites}
     acts: dict[str, list] = {s: [] for s in activation_sites}
+    score_sites = list(score_sites or [])
+    scores: dict[str, list] = {s: [] for s in score_sites}
     record_sites = list(dict.fromkeys([*sites, *activation_sites]))
     for lo in range(0, n, batch_size):
         idx = order[lo : lo + batch_size]
         length = windows["length"][idx]
         width = int(length.max())
         x = torch.from_numpy(windows["input_ids"][idx, :width].astype(np.int64)).to(device)
-        rec = read_codes(model, x, record_sites, activations=bool(activation_sites))
+        rec = read_codes(model, x, record_sites, activations=bool(activation_sites),
+                         scores=bool(score_sites))
         keep = np.arange(width)[None, :] < length[:, None]  # (b, width) real tokens
         parts["doc_id"].append(np.repeat(windows["doc_id"][idx], length))
         parts["position"].append(
@@ -91,6 +96,8 @@ def extract_windows(model: Any, windows: dict[str, np.ndarray], sites: list[str]
             codes[s].append(rec.codes[s].cpu().numpy()[keep])
         for s in activation_sites:
             acts[s].append(rec.activations[s].to(torch.float16).cpu().numpy()[keep])
+        for s in score_sites:
+            scores[s].append(rec.scores[s].to(torch.float16).cpu().numpy()[keep])
     out: dict[str, Any] = {k: np.concatenate(v) if v else np.zeros(0, np.int64)
                            for k, v in parts.items()}
     # Back to document order (a shard's rows sorted by document, then position).
@@ -99,6 +106,7 @@ def extract_windows(model: Any, windows: dict[str, np.ndarray], sites: list[str]
         out[k] = out[k][order_rows]
     out["codes"] = {s: np.concatenate(v)[order_rows] for s, v in codes.items() if v}
     out["acts"] = {s: np.concatenate(v)[order_rows] for s, v in acts.items() if v}
+    out["scores"] = {s: np.concatenate(v)[order_rows] for s, v in scores.items() if v}
     return out
 
 
@@ -116,9 +124,9 @@ def extract_to_store(model: Any, store: Any, shard: int, windows: dict[str, np.n
 
     meta = store.meta
     res = extract_windows(model, windows, list(meta.sites), meta.activation_sites, batch_size,
-                          device)
+                          device, meta.score_sites)
     table = token_table(res["doc_id"], res["position"], res["token_id"], res["codes"], meta,
-                        res["acts"])
+                        res["acts"], res["scores"])
     store.write_shard(shard, table)
     return table.num_rows
 

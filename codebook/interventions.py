@@ -28,12 +28,14 @@ class CodeRecord:
 
     codes: dict[str, torch.Tensor] = field(default_factory=dict)  # (batch, seq, groups, n), -1 pads
     activations: dict[str, torch.Tensor] = field(default_factory=dict)  # (batch, seq, dim)
+    scores: dict[str, torch.Tensor] = field(default_factory=dict)  # as codes; NaN where -1
 
 
 @contextmanager
 def recording(model: CodebookModel, sites: Sequence[str] | None = None,
-              activations: bool = False) -> Iterator[CodeRecord]:
-    """Record the codes chosen at ``sites`` (default all) during the enclosed forward passes.
+              activations: bool = False, scores: bool = False) -> Iterator[CodeRecord]:
+    """Record the codes chosen at ``sites`` (default all) during the enclosed forward passes,
+    with ``scores`` each chosen code's similarity (``CodebookLayer.code_scores``).
 
     Several passes (e.g. generation steps) are concatenated along the sequence axis.
     """
@@ -41,8 +43,8 @@ def recording(model: CodebookModel, sites: Sequence[str] | None = None,
     layers = {n: _layer(model, n) for n in names}
     record = CodeRecord()
     for layer in layers.values():
-        layer.recording, layer.record_inputs = True, activations
-        layer.recorded_codes, layer.recorded_inputs = [], []
+        layer.recording, layer.record_inputs, layer.record_scores = True, activations, scores
+        layer.recorded_codes, layer.recorded_inputs, layer.recorded_scores = [], [], []
     try:
         yield record
     finally:
@@ -51,15 +53,18 @@ def recording(model: CodebookModel, sites: Sequence[str] | None = None,
                 record.codes[name] = _cat_seq(layer.recorded_codes)
             if layer.recorded_inputs:
                 record.activations[name] = _cat_seq(layer.recorded_inputs)
-            layer.recording = layer.record_inputs = False
-            layer.recorded_codes, layer.recorded_inputs = [], []
+            if layer.recorded_scores:
+                record.scores[name] = _cat_seq(layer.recorded_scores, float("nan"))
+            layer.recording = layer.record_inputs = layer.record_scores = False
+            layer.recorded_codes, layer.recorded_inputs, layer.recorded_scores = [], [], []
 
 
 @torch.no_grad()
 def read_codes(model: CodebookModel, input_ids: torch.Tensor, sites: Sequence[str] | None = None,
-               activations: bool = False, **kwargs: Any) -> CodeRecord:
-    """Run one batch; return per site the active code ids per token (and raw activations)."""
-    with recording(model, sites, activations) as record:
+               activations: bool = False, scores: bool = False, **kwargs: Any) -> CodeRecord:
+    """Run one batch; return per site the active code ids per token (and raw activations,
+    and the codes' similarity scores)."""
+    with recording(model, sites, activations, scores) as record:
         model(input_ids=input_ids, **kwargs)
     return record
 
@@ -280,11 +285,11 @@ def _attached(layer: CodebookLayer, editor: _Editor) -> Iterator[None]:
         layer.editors.remove(editor)
 
 
-def _cat_seq(chunks: list[torch.Tensor]) -> torch.Tensor:
-    """Concatenate per-call recordings along the sequence axis (padding widths with -1)."""
+def _cat_seq(chunks: list[torch.Tensor], pad: float = -1) -> torch.Tensor:
+    """Concatenate per-call recordings along the sequence axis (padding widths with ``pad``)."""
     if len(chunks) == 1:
         return chunks[0]
     if chunks[0].dim() == 4:
         width = max(c.shape[-1] for c in chunks)
-        chunks = [torch.nn.functional.pad(c, (0, width - c.shape[-1]), value=-1) for c in chunks]
+        chunks = [torch.nn.functional.pad(c, (0, width - c.shape[-1]), value=pad) for c in chunks]
     return torch.cat(chunks, dim=1)

@@ -88,9 +88,11 @@ class CodebookLayer(nn.Module):
         self.editors: list[CodeEditor] = []
         self.recording = False
         self.record_inputs = False
+        self.record_scores = False
         self.track_stats = False  # update running statistics outside training mode too
         self.recorded_codes: list[torch.Tensor] = []
         self.recorded_inputs: list[torch.Tensor] = []
+        self.recorded_scores: list[torch.Tensor] = []
         self.last_losses: LayerLosses | None = None
         self.enabled = True
 
@@ -126,6 +128,21 @@ class CodebookLayer(nn.Module):
         if self.score == "cosine":
             xg = F.normalize(xg, dim=-1)
         return xg @ rhs
+
+    @torch.no_grad()
+    def code_scores(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The similarity (n, groups, m) of x (n, groups, group_dim) to the codes ``idx``
+        (n, groups, m) under this layer's score: cosine, inner product, or for euclidean the
+        negative distance (larger is always closer)."""
+        x = x.float().unsqueeze(2)  # (n, g, 1, d)
+        offsets = (torch.arange(self.groups, device=idx.device) * self.num_codes).view(1, -1, 1)
+        table = self.codes.detach().float().reshape(-1, self.group_dim)
+        c = F.embedding(idx.clamp_min(0) + offsets, table)  # (n, g, m, d)
+        if self.score == "euclidean":
+            return -(x - c).norm(dim=-1)
+        if self.score == "inner":
+            return (x * c).sum(-1)
+        return F.cosine_similarity(x, c, dim=-1)
 
     @torch.no_grad()
     def select(self, x: torch.Tensor, k: int | None = None,
@@ -188,6 +205,11 @@ class CodebookLayer(nn.Module):
         if self.recording and not _in_backward():
             ids = idx if weight is None else idx.masked_fill(weight == 0, -1)
             self.recorded_codes.append(ids.reshape(*lead, self.groups, -1))
+            if self.record_scores:
+                scores = self.code_scores(x, idx)
+                if weight is not None:
+                    scores = scores.masked_fill(weight == 0, float("nan"))
+                self.recorded_scores.append(scores.reshape(*lead, self.groups, -1))
             if self.record_inputs:
                 self.recorded_inputs.append(raw.detach())
         out = out + (x - x.detach())  # straight-through: d out / d x = identity

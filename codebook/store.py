@@ -6,6 +6,8 @@ Layout of a store folder::
     tokens/shard-00000.parquet   one row per token: doc_id, position, token_id,
                                  codes.<site> (fixed-size list: groups x k code ids, unsigned,
                                  the smallest type that holds num_codes), optional
+                                 scores.<site> (fixed-size list, float16: each firing code's
+                                 similarity score, aligned with codes.<site>), optional
                                  acts.<site> (fixed-size list of float16 raw site inputs)
     stats/shard-00000.parquet    per (site, group, code): count (tokens) and documents
     code_stats.parquet           the per-shard stats summed, once every shard is done
@@ -61,6 +63,7 @@ class StoreMeta:
     source: dict[str, Any]
     sites: dict[str, SiteInfo]
     activation_sites: list[str] = field(default_factory=list)
+    score_sites: list[str] = field(default_factory=list)  # sites with a scores.<site> column
     block_size: int = 512
     num_shards: int = 0
     num_documents: int = 0
@@ -79,7 +82,7 @@ class StoreMeta:
         """The fields two runs must share to write into the same store."""
         d = asdict(self)
         return {k: d[k] for k in ("model", "tokenizer", "source", "sites", "activation_sites",
-                                  "block_size", "num_shards", "version")}
+                                  "score_sites", "block_size", "num_shards", "version")}
 
 
 def code_dtype(num_codes: int) -> np.dtype:
@@ -98,6 +101,10 @@ def acts_column(site: str) -> str:
     return f"acts.{site}"
 
 
+def scores_column(site: str) -> str:
+    return f"scores.{site}"
+
+
 def shard_name(shard: int) -> str:
     return f"shard-{shard:05d}.parquet"
 
@@ -109,16 +116,22 @@ def fixed_list(values: np.ndarray) -> pa.FixedSizeListArray:
 
 
 def list_to_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """A fixed-size-list column back to a (rows, width) numpy array."""
+    """A fixed-size-list column (or a list column whose rows have one length, as DuckDB
+    returns them) back to a (rows, width) numpy array."""
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    width = arr.type.list_size
-    return arr.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
+    flat = arr.flatten().to_numpy(zero_copy_only=False)
+    width = getattr(arr.type, "list_size", None)
+    if width is None:
+        width = len(flat) // len(arr) if len(arr) else 0
+    return flat.reshape(len(arr), width)
 
 
 def token_table(doc_ids: np.ndarray, positions: np.ndarray, token_ids: np.ndarray,
                 codes: dict[str, np.ndarray], meta: StoreMeta,
-                acts: dict[str, np.ndarray] | None = None) -> pa.Table:
-    """One shard's token rows. ``codes[site]`` is (tokens, groups, k) (or (tokens, width))."""
+                acts: dict[str, np.ndarray] | None = None,
+                scores: dict[str, np.ndarray] | None = None) -> pa.Table:
+    """One shard's token rows. ``codes[site]`` is (tokens, groups, k) (or (tokens, width));
+    ``scores[site]`` the same shape, for ``meta.score_sites``."""
     cols: dict[str, pa.Array] = {
         "doc_id": pa.array(np.asarray(doc_ids, dtype=np.int64)),
         "position": pa.array(np.asarray(positions, dtype=np.int32)),
@@ -129,6 +142,10 @@ def token_table(doc_ids: np.ndarray, positions: np.ndarray, token_ids: np.ndarra
         if ids.size and (ids.min() < 0 or ids.max() >= info.num_codes):
             raise ValueError(f"{site}: code ids outside [0, {info.num_codes})")
         cols[codes_column(site)] = fixed_list(ids.astype(code_dtype(info.num_codes)))
+    for site in meta.score_sites:
+        width = meta.sites[site].width
+        cols[scores_column(site)] = fixed_list(
+            np.asarray(scores[site], dtype=np.float16).reshape(len(doc_ids), width))
     for site in meta.activation_sites:
         cols[acts_column(site)] = fixed_list(np.asarray(acts[site], dtype=np.float16))
     table = pa.table(cols)

@@ -106,7 +106,7 @@ def test_regex_search_then_code_contexts_and_steering(served, browser):
     expected = search.codes_for_regex(MONTHS, top=20)
     assert [a.text for a in links] == [r["code"] for r in expected]
     first_row = browser.find_elements(By.CSS_SELECTOR, "#results tbody tr td")
-    assert first_row[1].text == f"{expected[0]['precision']:.3f}"
+    assert first_row[2].text == f"{expected[0]['precision']:.3f}"  # after code, label
 
     # open the top code: contexts with the firing token highlighted, its regex precision
     links[0].click()

@@ -1,9 +1,10 @@
 """Code search over a code store: codes by regex or token, a code's contexts, similar codes.
 
 Codes are named ``site.group.code`` (e.g. ``attn_heads_7.12.7884``: layer 7, head 12, code 7884,
-the paper's ``7.12.7884``). Everything here reads the store shard by shard in this process: fine
-for the browser and for stores up to a few million tokens; ``pipelines/evaluate.py`` does the
-same counting with Ray Data for larger ones.
+the paper's ``7.12.7884``). Token and context queries run as SQL in DuckDB over the Parquet
+shards (``store_query.StoreQuery``); a regex search labels the documents' text shard by shard in
+Python (the regex runs on text, not on the store) and counts with numpy. ``pipelines/evaluate.py``
+does the regex counting with Ray Data for larger stores.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from codebook.errors import ConfigError
-from codebook.store import CodeStore, codes_column, list_to_numpy
+from codebook.store import CodeStore
 
 
 @dataclass(frozen=True)
@@ -49,8 +50,19 @@ class StoreSearch:
         self._tokenizer: Any = None
         self._pieces: dict[int, str] = {}
         self._stats: Any = None
+        self._query: Any = None
+        self._codebooks: dict[str, np.ndarray] = {}  # code vectors per site, read once
 
     # ---------------------------------------------------------------- helpers
+    @property
+    def query(self) -> Any:
+        """The store's DuckDB queries (``store_query.StoreQuery``), opened once."""
+        if self._query is None:
+            from codebook.analysis.store_query import StoreQuery
+
+            self._query = StoreQuery(self.store)
+        return self._query
+
     def check(self, ref: CodeRef) -> CodeRef:
         """``ref`` checked against the store: known site, group and code id in range."""
         self._sites([ref.site])
@@ -110,24 +122,9 @@ class StoreSearch:
                         top: int = 20) -> list[dict[str, Any]]:
         """Codes that fire on ``token``, ranked by recall (share of its occurrences), with
         precision (share of the code's firings that are on this token)."""
-        from codebook.analysis.labels import TokenIds, TokenRows
-
         tid = self.token_id(token)
         sites = self._sites(sites)
-        on_token = {s: np.zeros((self.meta.sites[s].groups, self.meta.sites[s].num_codes),
-                                dtype=np.int64) for s in sites}
-        occurrences = 0
-        labeller = TokenIds([tid])
-        for table in self.store.iter_shards(["doc_id", "position", "token_id",
-                                             *(codes_column(s) for s in sites)]):
-            hit = labeller.labels(TokenRows.from_table(table))[:, 0]
-            occurrences += int(hit.sum())
-            for s in sites:
-                info = self.meta.sites[s]
-                codes = list_to_numpy(table.column(codes_column(s)))[hit].reshape(
-                    -1, info.groups, info.k).astype(np.int64)
-                for g in range(info.groups):
-                    on_token[s][g] += np.bincount(codes[:, g].ravel(), minlength=info.num_codes)
+        on_token, occurrences = self.query.code_counts_on_sites(sites, f"token_id = {tid}")
         if occurrences == 0:
             return []
         rows = []
@@ -175,33 +172,16 @@ class StoreSearch:
         """Up to ``n`` places where the code fires (at most 3 per document, spread over the
         store): the tokens around it and which one fired."""
         ref = self.check(ref)
-        info = self.meta.sites[ref.site]
-        found: list[dict[str, Any]] = []
-        for table in self.store.iter_shards(["doc_id", "position", "token_id",
-                                             codes_column(ref.site)]):
-            codes = list_to_numpy(table.column(codes_column(ref.site))).reshape(
-                -1, info.groups, info.k)
-            hits = np.flatnonzero((codes[:, ref.group, :] == ref.code).any(axis=1))
-            if hits.size == 0:
-                continue
-            docs = table.column("doc_id").to_numpy()
-            tokens = table.column("token_id").to_numpy()
-            per_doc: dict[int, int] = {}
-            for i in hits:
-                d = int(docs[i])
-                if per_doc.get(d, 0) >= 3:
-                    continue
-                per_doc[d] = per_doc.get(d, 0) + 1
-                lo, hi = max(0, i - window), min(len(docs), i + window + 1)
-                same = docs[lo:hi] == d  # stay inside the document
-                ids = tokens[lo:hi][same]
-                offset = int(np.flatnonzero(same)[0])
-                found.append({"doc_id": d, "position": int(table.column("position")[i].as_py()),
-                              "tokens": [self.piece(int(t)) for t in ids],
-                              "highlight": int(i - lo - offset)})
-                if len(found) >= n:
-                    return found
-        return found
+        first = self.query.first_firings(ref.site, ref.group, ref.code, n, per_doc=3)
+        return [{"doc_id": int(d), "position": int(p), **self.context(w, int(p))}
+                for d, p, w in zip(first["doc_id"], first["position"],
+                                   self.query.windows(first["doc_id"], first["position"], window),
+                                   strict=True)]
+
+    def context(self, rows: dict[str, np.ndarray], position: int) -> dict[str, Any]:
+        """A window of ``StoreQuery.windows`` as token texts and the index of ``position``."""
+        return {"tokens": [self.piece(int(t)) for t in rows["token_id"]],
+                "highlight": int(np.flatnonzero(rows["position"] == position)[0])}
 
     def code_stats(self, ref: CodeRef, regex: str | None = None) -> dict[str, Any]:
         """A code's firing count and documents, and its precision/recall for ``regex``."""
@@ -228,19 +208,22 @@ class StoreSearch:
 
     def codebook(self, site: str) -> np.ndarray:
         """(groups, num_codes, dim) code vectors of ``site`` from the model's safetensors."""
-        from safetensors.torch import load_file
+        from safetensors import safe_open
 
         from codebook.model import CODEBOOK_WEIGHTS_FILE
 
+        if site in self._codebooks:
+            return self._codebooks[site]
         path = Path(self.meta.model) / CODEBOOK_WEIGHTS_FILE
         if not path.is_file():
             raise ConfigError("model", f"{path} is missing", "keep the model folder the store "
                               "was extracted from (its path is in store.json)")
-        weights = load_file(str(path))
         key = f"codebooks.{site}.codes"
-        if key not in weights:
-            raise ConfigError("site", f"{site} is not in {path}", "check the site name")
-        return weights[key].float().numpy()
+        with safe_open(str(path), "pt") as fh:  # only this site's tensor
+            if key not in fh.keys():  # noqa: SIM118 (safe_open has keys(), no __contains__)
+                raise ConfigError("site", f"{site} is not in {path}", "check the site name")
+            self._codebooks[site] = fh.get_tensor(key).float().numpy()
+        return self._codebooks[site]
 
 
 def _counts(table: Any, meta: Any, labels: np.ndarray, mask: np.ndarray, sites: list[str]

@@ -3,7 +3,10 @@
     app = create_app("stores/shakespeare")        # then: uvicorn.run(app, host="127.0.0.1")
 
 JSON API (the page in ``static/index.html`` uses it): ``/api/meta``, ``/api/search/regex``,
-``/api/search/token``, ``/api/code/{site.group.code}``, ``/api/usage/{site}``, ``/api/steer``.
+``/api/search/token``, ``/api/code/{site.group.code}``, ``/api/usage/{site}``, ``/api/steer``,
+and ``/api/page/{site.group.code}`` behind each code's page, ``/code/{site.group.code}``
+(``codebook.analysis.code_page``: ranked examples, quantiles, density, logit lens, co-occurring
+codes, the automatic label). Search results carry each code's automatic label.
 Bad input (unknown site, code out of range, a broken regex, a number over its cap) answers 400
 with the message.
 
@@ -38,7 +41,7 @@ STATIC = Path(__file__).with_name("static")
 
 # Caps on what one request may ask for (a larger value answers 400 and names the cap).
 MAX_TOP = 1000  # rows of a code search
-MAX_CONTEXTS = 200  # contexts of one code (n)
+MAX_CONTEXTS = 200  # contexts of one code (n), examples on a code page
 MAX_BINS = 200  # usage histogram bins
 MAX_QUERY_CHARS = 500  # a token query or a regex pattern, in characters
 MAX_PROMPT_CHARS = 4000  # steering prompt, in characters
@@ -305,12 +308,17 @@ def create_app(store: str | Path, model_path: str | None = None, *, host: str = 
     """
     from fastapi import FastAPI, HTTPException, Request
     from fastapi.responses import FileResponse, JSONResponse
+    from fastapi.staticfiles import StaticFiles
     from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+    from codebook.analysis.autolabel import read_labels
+    from codebook.analysis.code_page import PageOptions, code_page
 
     limits = limits or Limits()
     hosts = list(dict.fromkeys(default_allowed_hosts(host)
                                + [_host_pattern(h) for h in allowed_hosts]))
     search = BoundedStoreSearch(store)
+    labels = read_labels(search.store)  # {} until pipelines/label.py has run
     state: dict[str, Any] = {}
     model_lock = threading.Lock()  # the model's codebook layers are shared state
     app = FastAPI(title="codebook browser")
@@ -342,9 +350,53 @@ def create_app(store: str | Path, model_path: str | None = None, *, host: str = 
             raise HTTPException(400, f"{name}: {len(value)} characters, the cap is {high}. "
                                 f"Fix: send a shorter {name}")
 
+    def labelled(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for row in rows:
+            lab = labels.get(row["code"])
+            row["label"] = lab["label"] if lab else None
+        return rows
+
+    def load_model() -> tuple[Any, Any]:
+        """The model and tokenizer, loaded once (under the model lock)."""
+        if not model_lock.acquire(timeout=limits.model_wait_seconds):
+            raise HTTPException(503, f"model: busy for {limits.model_wait_seconds:g} s. "
+                                "Fix: retry later")
+        try:
+            if "model" not in state:
+                from codebook.data.text import load_tokenizer
+                from codebook.resolve import load_trained_model
+
+                state["model"] = load_trained_model(model_path or search.meta.model)
+                state["tokenizer"] = (load_tokenizer(search.meta.tokenizer)
+                                      if search.meta.tokenizer else None)
+            return state["model"], state["tokenizer"]
+        finally:
+            model_lock.release()
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
     @app.get("/")
     def index() -> FileResponse:
         return FileResponse(STATIC / "index.html")
+
+    @app.get("/code/{name}")
+    def code_html(name: str) -> FileResponse:
+        return FileResponse(STATIC / "code.html")
+
+    @app.get("/api/page/{name}")
+    def page(name: str, examples: int = 20, window: int = 10) -> dict[str, Any]:
+        capped("examples", examples, limits.max_contexts, low=1)
+        capped("window", window, 64)
+        ref = guarded(search.check, guarded(CodeRef.parse, name))
+        try:
+            model, _ = load_model()
+        except (ConfigError, OSError) as err:  # the model moved: the page works without a lens
+            model, state["model_error"] = None, str(err)
+        out = guarded(code_page, search, ref, PageOptions(examples=examples, window=window),
+                      model, labels)
+        if model is None:
+            out["logit_lens_error"] = state.get("model_error")
+        return out
 
     @app.get("/api/meta")
     def meta() -> dict[str, Any]:
@@ -363,14 +415,14 @@ def create_app(store: str | Path, model_path: str | None = None, *, host: str = 
         guarded(check_regex, q, limits.max_query_chars)
         with search.budget(limits) as scan:
             rows = guarded(search.codes_for_regex, q, [site] if site else None, min_recall, top)
-        return {"results": rows, **scan.report(search.meta.num_documents)}
+        return {"results": labelled(rows), **scan.report(search.meta.num_documents)}
 
     @app.get("/api/search/token")
     def by_token(q: str, site: str = "", top: int = 20) -> dict[str, Any]:
         capped("top", top, limits.max_top)
         text_capped("q", q, limits.max_query_chars)
         rows = guarded(search.codes_for_token, q, [site] if site else None, top)
-        return {"results": rows, "partial": False, "note": ""}
+        return {"results": labelled(rows), "partial": False, "note": ""}
 
     @app.get("/api/code/{name}")
     def code(name: str, regex: str = "", n: int = 20) -> dict[str, Any]:
@@ -414,17 +466,14 @@ def create_app(store: str | Path, model_path: str | None = None, *, host: str = 
         kwargs = {"max_new_tokens": req.max_new_tokens, "do_sample": False}
         # One request at a time: steering attaches its codes to the model's shared layers,
         # and FastAPI runs this endpoint on a thread pool.
+        model, tok = load_model()
+        if tok is None:
+            raise HTTPException(400, "steering: this store has no tokenizer (FSM tokens). "
+                                "Fix: steer a text model's store")
         if not model_lock.acquire(timeout=limits.model_wait_seconds):
             raise HTTPException(503, f"model: busy with other steering requests for "
                                 f"{limits.model_wait_seconds:g} s. Fix: retry later")
         try:
-            if "model" not in state:
-                from codebook.data.text import load_tokenizer
-                from codebook.resolve import load_trained_model
-
-                state["model"] = load_trained_model(model_path or search.meta.model)
-                state["tokenizer"] = load_tokenizer(search.meta.tokenizer)
-            model, tok = state["model"], state["tokenizer"]
             base = guarded(generate, model, tok, [req.prompt], **kwargs)[0]["text"]
             steered = guarded(generate, model, tok, [req.prompt], codes=codes,
                               **kwargs)[0]["text"]

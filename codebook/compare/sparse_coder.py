@@ -115,6 +115,9 @@ class SparseCoderLayer(CodebookLayer):
                                ids.clamp_min(0), ids >= 0, err)
         if self.recording:
             self.recorded_codes.append(ids.reshape(*lead, 1, -1))
+            if self.record_scores:  # a latent's score is its activation
+                self.recorded_scores.append(acts.float().masked_fill(ids < 0, float("nan"))
+                                            .reshape(*lead, 1, -1))
             if self.record_inputs:
                 self.recorded_inputs.append(raw.detach())
         return out.reshape(raw.shape)

@@ -43,6 +43,11 @@ class ExtractOptions:
     tokenizer: str | None = None  # default: the model folder
     sites: list[str] | None = None  # None: all
     activations: list[str] = field(default_factory=list)
+    # Each firing's similarity score (float16) beside its code id: ranks a code's examples.
+    # Off by default: it costs more than the 25% extra bytes per token we allow a default (the
+    # FSM default model, 20 codes per token: 22.3 -> 51.3 bytes/token, x2.30; measured by
+    # benchmarks/store_scores.py). Scores barely compress; code ids do.
+    scores: bool = False
     block_size: int = 512
     docs_per_shard: int = 64
     batch_size: int = 8
@@ -144,6 +149,7 @@ def prepare(opts: ExtractOptions) -> tuple[CodeStore, str, list[dict[str, int]]]
     shards = plan_shards(source["num_documents"], opts.docs_per_shard)
     meta = StoreMeta(model=model_path, tokenizer=tokenizer, source=source,
                      sites={s: infos[s] for s in sites}, activation_sites=act_sites,
+                     score_sites=list(sites) if opts.scores else [],
                      block_size=block_size, num_shards=len(shards),
                      num_documents=source["num_documents"])
     store = CodeStore.create(out, meta)
