@@ -160,7 +160,8 @@ def _cooccurring(search: StoreSearch, ref: CodeRef, n: int, total: int,
 def _lens(search: StoreSearch, model: Any, ref: CodeRef, top: int) -> dict[str, Any]:
     from codebook.analysis.logit_lens import logit_lens
 
-    lens = logit_lens(model, ref.site, ref.group, ref.code, top)
+    vocab = model.model.get_output_embeddings().weight.shape[0]
+    lens = logit_lens(model, ref.site, ref.group, ref.code, min(top, vocab // 2))  # no overlap
     for side in ("positive", "negative"):
         for row in lens[side]:
             row["token"] = search.piece(int(row["token_id"]))
