@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import socket
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -43,42 +40,27 @@ def main() -> None:
     p.add_argument("--width", type=int, default=1280)
     p.add_argument("--height", type=int, default=2400)
     args = p.parse_args()
-    import uvicorn
-    from selenium import webdriver
     from selenium.webdriver.common.by import By
 
     from codebook.browser import create_app
+    from codebook.browser.serve import chromium, serving
 
     code = args.code or pick_code(args.store, args.min_count)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(args.store), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
-    opts = webdriver.ChromeOptions()
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                f"--window-size={args.width},{args.height}"):
-        opts.add_argument(arg)
-    opts.binary_location = shutil.which("chromium")
-    drv = webdriver.Chrome(options=opts, service=webdriver.ChromeService(
-        executable_path=shutil.which("chromedriver")))
+    drv = chromium(args.width, args.height)
     try:
-        timings = []
-        for _ in range(2):  # the first load opens DuckDB and the model
-            t0 = time.perf_counter()
-            drv.get(f"http://127.0.0.1:{port}/code/{code}")
-            while not drv.find_elements(By.CSS_SELECTOR, "tr.example"):
-                if time.perf_counter() - t0 > 60:
-                    sys.exit("the page did not render in 60 s")
-                time.sleep(0.02)
-            timings.append(time.perf_counter() - t0)
-        drv.save_screenshot(args.out)
+        with serving(create_app(args.store)) as url:
+            timings = []
+            for _ in range(2):  # the first load opens DuckDB and the model
+                t0 = time.perf_counter()
+                drv.get(f"{url}/code/{code}")
+                while not drv.find_elements(By.CSS_SELECTOR, "tr.example"):
+                    if time.perf_counter() - t0 > 60:
+                        sys.exit("the page did not render in 60 s")
+                    time.sleep(0.02)
+                timings.append(time.perf_counter() - t0)
+            drv.save_screenshot(args.out)
     finally:
         drv.quit()
-        server.should_exit = True
     print(json.dumps({"code": code, "screenshot": args.out, "first_load_s": round(timings[0], 3),
                       "load_s": round(timings[1], 3)}), flush=True)
 

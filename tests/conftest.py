@@ -90,3 +90,13 @@ def tokenizer(tok_dir):
     from codebook.data.text import load_tokenizer
 
     return load_tokenizer(tok_dir)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """A headless Debian Chromium under Selenium, one per test module."""
+    from codebook.browser.serve import chromium
+
+    drv = chromium()
+    yield drv
+    drv.quit()

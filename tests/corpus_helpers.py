@@ -80,6 +80,29 @@ def build_store(model_dir: Path, corpus: Path, out: Path, **options):
     return store
 
 
+def text_model_store(root: Path, n_docs: int = 12, **options):
+    """A corpus, its BPE tokenizer, a tiny codebook model carrying it and its code store under
+    ``root`` (``options`` go to the extraction, e.g. ``scores=True``); returns the store."""
+    texts = make_corpus(root / "corpus", n_docs=n_docs)
+    tok = save_bpe_tokenizer(texts, root / "tok")
+    save_tiny_codebook_model(root / "model", len(tok))
+    tok.save_pretrained(str(root / "model"))
+    return build_store(root / "model", root / "corpus", root / "store", **options)
+
+
+def wait_for(fn, timeout: float = 20.0):
+    """Poll ``fn`` until it returns something truthy (a page element, a condition)."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = fn()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError("timed out waiting for the page")
+
+
 def in_memory_classifier(codes: np.ndarray, acts: np.ndarray, labels: np.ndarray, num_codes: int,
                          num_labels: int, min_recall: float) -> dict[str, np.ndarray]:
     """Codes vs neurons on all rows at once: per label, the best code by precision at recall

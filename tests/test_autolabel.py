@@ -278,10 +278,15 @@ def test_text_store_regex_and_quoted_token_labels(text_store):
 
 # ---------------------------------------------------------------------- the Ray driver
 @pytest.mark.slow
-def test_ray_driver_writes_the_same_labels(tmp_path):
-    import ray
+def test_ray_driver_and_label_pipeline_write_the_same_labels(tmp_path):
+    import json
+    import subprocess
+    import sys
 
-    from codebook.ray_glue.labels import build_labels_ray, count_rows
+    import ray
+    from train_helpers import REPO
+
+    from codebook.ray_glue.labels import count_rows
 
     store, _ = planted_store(tmp_path / "store", seed=1)
     local = build_labels(store, progress=False, top_candidates=3)
@@ -293,12 +298,32 @@ def test_ray_driver_writes_the_same_labels(tmp_path):
     ray.init(address="local", num_cpus=1, include_dashboard=False)
     try:
         assert as_counter(count_rows(store, job)) == as_counter(local_counts)
-        remote = build_labels_ray(store.root, top_candidates=3)
     finally:
         ray.shutdown()
-    assert remote.equals(local, check_metadata=True)
+    # the command line: its own local Ray, build_labels_ray, the same file as the local driver
+    done = subprocess.run([sys.executable, "pipelines/label.py", "--store", str(store.root),
+                           "--top-candidates", "3"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["labels"] == local.num_rows == NUM_CODES - 1
     assert pq.read_table(store.root / LABELS_FILE).equals(local_file, check_metadata=True)
-    assert local.num_rows == NUM_CODES - 1
+
+
+def test_label_pipeline_rejects_bad_input_before_ray(tmp_path):
+    import subprocess
+    import sys
+
+    from train_helpers import REPO
+
+    cmd = [sys.executable, "pipelines/label.py", "--store", str(tmp_path / "nowhere")]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "not a code store" in done.stderr
+    store, _ = planted_store(tmp_path / "store", seed=3)
+    done = subprocess.run([*cmd[:3], str(store.root), "--min-count", "0"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "must be >= 1" in done.stderr
+    assert "Started a local Ray" not in done.stdout + done.stderr
 
 
 def test_local_driver_merges_in_steps_to_the_same_labels(tmp_path, monkeypatch):

@@ -49,3 +49,17 @@ def test_gpu_suite_quick_runs_every_stage_on_cpu(tmp_path):
     assert fsm and 0 <= fsm[0]["first_transition_accuracy"] <= 1
     summary = (tmp_path / "summary.md").read_text()
     assert "Training step, Pythia-410M shape" in summary and "| fsm | ok |" in summary
+
+
+def test_store_query_benchmark_agrees_with_the_per_shard_code_it_replaced(tmp_path):
+    """DuckDB's answers equal those of search.py before it (read from git) on a small store,
+    and the code page answers over HTTP."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "store_query.py"
+    proc = subprocess.run([sys.executable, str(script), "--tokens", "40000", "--out",
+                           str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["tokens"] >= 39_000
+    for case in ("codes_for_token", "contexts_frequent", "contexts_rare"):
+        assert summary[case]["same_result"] is True, case
+    assert summary["page_http"]["max_s"] > 0

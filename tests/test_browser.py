@@ -4,7 +4,6 @@ and its safe defaults over HTTP against a real uvicorn server."""
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 import subprocess
 import sys
@@ -13,16 +12,15 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import pytest
-from corpus_helpers import build_store, make_corpus, save_bpe_tokenizer, save_tiny_codebook_model
+from corpus_helpers import text_model_store, wait_for
 from train_helpers import REPO
 
 from codebook.analysis.search import CodeRef, StoreSearch
 from codebook.browser import create_app
+from codebook.browser.serve import serving
 from codebook.data.text import load_tokenizer
 from codebook.resolve import load_trained_model
 from codebook.steering import generate
@@ -30,64 +28,12 @@ from codebook.steering import generate
 MONTHS = r"\b(January|February|March|April|May|June|July)\b"
 
 
-@contextmanager
-def serve(app) -> Iterator[str]:
-    """``app`` on a real uvicorn server on a free 127.0.0.1 port, in a thread; yields its URL."""
-    import uvicorn
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert server.started
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("browser")
-    texts = make_corpus(root / "corpus", n_docs=12)
-    tok = save_bpe_tokenizer(texts, root / "tok")
-    save_tiny_codebook_model(root / "model", len(tok))
-    tok.save_pretrained(str(root / "model"))
-    store = build_store(root / "model", root / "corpus", root / "store")
-    with serve(create_app(store.root)) as url:
+    store = text_model_store(root)
+    with serving(create_app(store.root)) as url:
         yield {"url": url, "store": store, "root": root}
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from selenium import webdriver
-
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    assert chromium and driver, "install Debian chromium and chromium-driver (scripts/setup.sh)"
-    opts = webdriver.ChromeOptions()
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
-        opts.add_argument(arg)
-    opts.binary_location = chromium
-    drv = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=driver))
-    drv.implicitly_wait(0)
-    yield drv
-    drv.quit()
-
-
-def wait_for(fn, timeout: float = 20.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError("timed out waiting for the page")
 
 
 def test_regex_search_then_code_contexts_and_steering(served, browser):
@@ -267,7 +213,7 @@ def test_a_foreign_host_header_is_refused(served):
         assert call(url, "/api/meta", host=host)[0] == 200, host
     # more names on request (pipelines/browse.py --allowed-hosts)
     app = create_app(served["store"].root, allowed_hosts=["browser.example.org"])
-    with serve(app) as other:
+    with serving(app) as other:
         assert call(other, "/api/meta", host="browser.example.org")[0] == 200
         assert call(other, "/api/meta", host=f"127.0.0.1:{other.rsplit(':', 1)[1]}")[0] == 200
         assert call(other, "/api/meta", host="evil.example")[0] == 400
@@ -339,7 +285,7 @@ def test_regex_scans_stop_at_their_budget_and_say_the_result_is_partial(served):
     assert scan.documents == 0 and "skipped documents over 1 characters" in scan.notes
 
     # over HTTP, with a time budget already spent: stops before the first document
-    with serve(create_app(store.root, limits=Limits(regex_seconds=0.0))) as url:
+    with serving(create_app(store.root, limits=Limits(regex_seconds=0.0))) as url:
         began = time.time()
         status, body = call(url, "/api/search/regex?" + urllib.parse.urlencode({"q": MONTHS}))
         assert status == 200 and time.time() - began < 30

@@ -12,13 +12,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 import torch
-from corpus_helpers import build_store, make_corpus, save_bpe_tokenizer, save_tiny_codebook_model
-from test_browser import browser, serve, wait_for  # noqa: F401  (fixtures)
+from corpus_helpers import build_store, text_model_store, wait_for
 
 from codebook.analysis.autolabel import build_labels, read_labels
 from codebook.analysis.code_page import PageOptions, code_page
 from codebook.analysis.search import CodeRef, StoreSearch
 from codebook.browser import create_app
+from codebook.browser.serve import serving
 from codebook.resolve import load_trained_model
 from codebook.store import codes_column, list_to_numpy, scores_column
 
@@ -28,11 +28,7 @@ SITE = "mlp_1"
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("codepage")
-    texts = make_corpus(root / "corpus", n_docs=16)
-    tok = save_bpe_tokenizer(texts, root / "tok")
-    save_tiny_codebook_model(root / "model", len(tok))
-    tok.save_pretrained(str(root / "model"))
-    store = build_store(root / "model", root / "corpus", root / "store", scores=True)
+    store = text_model_store(root, n_docs=16, scores=True)
     build_labels(store)
     search = StoreSearch(store)
     usage = search.usage(SITE)
@@ -135,7 +131,7 @@ def test_a_store_without_scores_still_opens_and_pages_in_store_order(setup, tmp_
 
 @pytest.fixture(scope="module")
 def served(setup):
-    with serve(create_app(setup["store"].root)) as url:
+    with serving(create_app(setup["store"].root)) as url:
         yield url
 
 
@@ -164,7 +160,7 @@ def test_page_api_caps_bad_codes_and_foreign_hosts(setup, served):
                                  for r in body["results"])
 
 
-def test_code_page_in_chromium_shows_examples_lens_histogram_and_label(setup, served, browser):  # noqa: F811
+def test_code_page_in_chromium_shows_examples_lens_histogram_and_label(setup, served, browser):
     from selenium.webdriver.common.by import By
 
     ref = setup["ref"]
@@ -189,3 +185,16 @@ def test_code_page_in_chromium_shows_examples_lens_histogram_and_label(setup, se
     link.click()
     wait_for(lambda: any(h.text == target for h in browser.find_elements(By.TAG_NAME, "h1")))
     assert browser.current_url.endswith(f"/code/{target}")
+
+
+def test_concurrent_pages_on_one_search_agree_with_sequential_ones(setup):
+    from concurrent.futures import ThreadPoolExecutor
+
+    search = StoreSearch(setup["store"])  # one DuckDB database shared by the threads
+    usage = search.usage(SITE)[0]
+    refs = [CodeRef(SITE, 0, int(c)) for c in np.argsort(-usage)[:6]]
+    options = PageOptions(examples=5)
+    expected = [code_page(search, r, options) for r in refs]
+    with ThreadPoolExecutor(6) as pool:
+        got = list(pool.map(lambda r: code_page(search, r, options), refs * 3))
+    assert got == expected * 3

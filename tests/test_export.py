@@ -8,14 +8,13 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 from html.parser import HTMLParser
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from corpus_helpers import build_store, make_corpus, save_bpe_tokenizer, save_tiny_codebook_model
+from corpus_helpers import text_model_store, wait_for
 from train_helpers import REPO
 
 from codebook.analysis.code_page import code_page
@@ -35,11 +34,7 @@ EVIL = "</script><script>window.pwned=1</script><!--"
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
-    texts = make_corpus(root / "corpus", n_docs=12)
-    tok = save_bpe_tokenizer(texts, root / "tok")
-    save_tiny_codebook_model(root / "model", len(tok))
-    tok.save_pretrained(str(root / "model"))
-    store = build_store(root / "model", root / "corpus", root / "store", scores=True)
+    store = text_model_store(root, scores=True)
     search = StoreSearch(store)
     model = load_trained_model(str(root / "model"))
     # the two most used codes of mlp_1 and the most used of attn_heads_0
@@ -57,32 +52,6 @@ def exported(tmp_path_factory):
     pages = {c: code_page(search, CodeRef.parse(c), None, model, labels) for c in codes}
     yield {"root": root, "store": store, "search": search, "codes": codes, "out": out,
            "summary": summary, "pages": pages, "labels": labels}
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from selenium import webdriver
-
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    assert chromium and driver, "install Debian chromium and chromium-driver (scripts/setup.sh)"
-    opts = webdriver.ChromeOptions()
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
-        opts.add_argument(arg)
-    opts.binary_location = chromium
-    drv = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=driver))
-    drv.implicitly_wait(0)
-    yield drv
-    drv.quit()
-
-
-def wait_for(fn, timeout: float = 20.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError("timed out waiting for the page")
 
 
 def validator():

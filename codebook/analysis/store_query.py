@@ -9,6 +9,7 @@ a whole store into memory.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import numpy as np
@@ -30,7 +31,8 @@ def _quote(name: str) -> str:
 
 class StoreQuery:
     """DuckDB queries over one store's token shards (the file list is refreshed when shards
-    are added)."""
+    are added). Safe to share between threads (the browser's request pool): each query runs on
+    its own cursor of one in-memory database."""
 
     def __init__(self, store: CodeStore, threads: int | None = None):
         import duckdb
@@ -41,25 +43,33 @@ class StoreQuery:
         if threads:
             self.con.execute(f"SET threads TO {int(threads)}")
         self._files: list[str] = []
+        self._lock = threading.Lock()
 
     # ---------------------------------------------------------------- the view
-    def _view(self) -> None:
+    def _cursor(self) -> Any:
+        """A cursor over the ``tokens`` view of the finished shards (redefined when shards
+        were added)."""
         files = [str(p) for p in self.store.shard_files()]
-        if files == self._files:
-            return
         if not files:
             from codebook.errors import ConfigError
 
             raise ConfigError("store", f"{self.store.root} has no finished shards",
                               "run pipelines/extract.py")
-        listed = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
-        self.con.execute(f"CREATE OR REPLACE VIEW tokens AS SELECT * FROM read_parquet([{listed}])")
-        self._files = files
+        with self._lock:
+            if files != self._files:
+                listed = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
+                self.con.execute("CREATE OR REPLACE VIEW tokens AS SELECT * FROM "
+                                 f"read_parquet([{listed}])")
+                self._files = files
+            return self.con.cursor()
 
     def sql(self, query: str, params: list[Any] | None = None) -> pa.Table:
         """Run ``query`` (over the ``tokens`` view) and return an Arrow table."""
-        self._view()
-        return _arrow(self.con.sql(query, params=params or None))
+        cur = self._cursor()
+        try:
+            return _arrow(cur.sql(query, params=params or None))
+        finally:
+            cur.close()
 
     def has_scores(self, site: str) -> bool:
         return site in self.meta.score_sites
@@ -131,8 +141,8 @@ class StoreQuery:
                            "lo": pa.array(np.asarray(positions, dtype=np.int64) - window),
                            "hi": pa.array(np.asarray(positions, dtype=np.int64) + window)})
         docs = ", ".join(str(int(d)) for d in np.unique(doc_ids))  # lets DuckDB skip files
-        self._view()
-        self.con.register("wanted", wanted)
+        cur = self._cursor()
+        cur.register("wanted", wanted)
         try:
             act = "NULL::FLOAT"
             if site is not None:
@@ -141,12 +151,12 @@ class StoreQuery:
                 fired = f"{self.fires(site, group, code)}"
             else:
                 fired = "false"
-            t = _arrow(self.con.sql(
+            t = _arrow(cur.sql(
                 f"SELECT w.i, t.position, t.token_id, {act} AS act, {fired} AS fired "
                 "FROM tokens t JOIN wanted w ON t.doc_id = w.d AND t.position BETWEEN w.lo "
                 f"AND w.hi WHERE t.doc_id IN ({docs}) ORDER BY w.i, t.position"))
         finally:
-            self.con.unregister("wanted")
+            cur.close()
         i = t.column("i").to_numpy()
         bounds = np.searchsorted(i, np.arange(len(doc_ids) + 1))
         cols = {c: t.column(c).to_numpy(zero_copy_only=False) for c in
