@@ -58,7 +58,7 @@ def ray_session():
 def extract_args(workdir: Path, out: Path, *extra: str) -> list[str]:
     return ["--model", str(workdir / "model"), "--source", "text", "--paths",
             str(workdir / "corpus"), "--out", str(out), "--block-size", str(BLOCK),
-            "--docs-per-shard", "5", "--activations", "mlp_1", *extra]
+            "--docs-per-shard", "5", "--activations", "mlp_1", "--scores", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -91,11 +91,15 @@ def test_store_round_trips_the_codes_the_model_produced(store, workdir):
         assert np.array_equal(rows.column("position").to_numpy()[sel], np.arange(len(sel)))
         for start in range(0, len(ids), BLOCK):  # the windows extraction used
             window = torch.as_tensor(ids[start : start + BLOCK], dtype=torch.long)[None]
-            rec = read_codes(model, window, activations=True)
+            rec = read_codes(model, window, activations=True, scores=True)
             for site, info in store.meta.sites.items():
                 stored = list_to_numpy(rows.column(f"codes.{site}"))[sel][start : start + BLOCK]
                 expect = rec.codes[site][0].reshape(len(window[0]), info.width).numpy()
                 assert np.array_equal(stored.astype(np.int64), expect), (doc, site)
+                scores = list_to_numpy(rows.column(f"scores.{site}"))[sel][start : start + BLOCK]
+                np.testing.assert_allclose(  # each firing's similarity, float16
+                    scores.astype(np.float32), rec.scores[site][0].reshape(scores.shape),
+                    atol=2e-3)
             acts = list_to_numpy(rows.column("acts.mlp_1"))[sel][start : start + BLOCK]
             np.testing.assert_allclose(acts.astype(np.float32), rec.activations["mlp_1"][0],
                                        rtol=1e-2, atol=1e-3)
