@@ -48,7 +48,9 @@ def main() -> None:
     code = args.code or pick_code(args.store, args.min_count)
     drv = chromium(args.width, args.height)
     try:
-        with serving(create_app(args.store)) as url:
+        app = create_app(args.store)
+        app.state.warm()  # as pipelines/browse.py does
+        with serving(app) as url:
             timings = []
             for _ in range(2):  # the first load opens DuckDB and the model
                 t0 = time.perf_counter()

@@ -136,8 +136,12 @@ def page_load(store: CodeStore, refs: list[CodeRef]) -> dict[str, float]:
     from codebook.browser import create_app
     from codebook.browser.serve import serving
 
-    with serving(create_app(store.root)) as url:
-        return _page_times(url, refs)
+    app = create_app(store.root)
+    t0 = time.perf_counter()
+    app.state.warm()  # as pipelines/browse.py does before it serves
+    warm_s = time.perf_counter() - t0
+    with serving(app) as url:
+        return {"warm_up_s": round(warm_s, 3), **_page_times(url, refs)}
 
 
 def _page_times(url: str, refs: list[CodeRef]) -> dict[str, float]:

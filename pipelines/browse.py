@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"warning: {err} (steering and similar codes need it; or pass --model)",
                       file=sys.stderr, flush=True)
         app = create_app(args.store, model, host=args.host, allowed_hosts=args.allowed_hosts)
+        app.state.warm()  # the store's query engine and the model, before the first page
     except ConfigError as err:
         sys.exit(f"config error: {err}")
     print(f"code browser on http://{args.host}:{args.port} (Host header: "

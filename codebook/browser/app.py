@@ -373,6 +373,18 @@ def create_app(store: str | Path, model_path: str | None = None, *, host: str = 
         finally:
             model_lock.release()
 
+    def warm() -> None:
+        """Open what the first page would: DuckDB's view, the code counts, the model (for the
+        logit lens and steering; skipped with a note if it cannot load)."""
+        search.query.num_tokens()
+        for site in search.meta.sites:
+            search.usage(site)
+        try:
+            load_model()
+        except (ConfigError, OSError) as err:
+            state["model_error"] = str(err)
+
+    app.state.warm = warm
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/")
