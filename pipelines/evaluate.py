@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 import numpy as np  # noqa: E402
 
 from codebook.errors import ConfigError  # noqa: E402
-from codebook.store import CodeStore, read_token_file  # noqa: E402
+from codebook.store import CodeStore  # noqa: E402
 from codebook.tracking import default_tracking_uri  # noqa: E402
 
 
@@ -172,7 +172,7 @@ def prepare(args: argparse.Namespace) -> tuple[CodeStore, list[str], list[dict] 
                                                 list[str], list[str], Any]:
     """Open and check the store, features and document split before Ray starts."""
     from codebook.analysis.features import load_features
-    from codebook.analysis.store_heldout import DocumentSplit
+    from codebook.analysis.store_heldout import store_split
     from codebook.resolve import check_site_names
 
     store = CodeStore(args.store)
@@ -184,20 +184,10 @@ def prepare(args: argparse.Namespace) -> tuple[CodeStore, list[str], list[dict] 
     if not store.complete and not args.allow_partial:
         raise ConfigError("--store", f"{len(files)} of {meta.num_shards} shards are finished",
                           "rerun the same extract command to finish, or pass --allow-partial")
-    last_doc = -1
-    for f in files:  # a foreign or corrupt file fails here, named, before any work
-        docs = read_token_file(f, meta, columns=["doc_id"]).column("doc_id").to_numpy()
-        last_doc = max(last_doc, int(docs.max()) if docs.size else -1)
     if not 0.0 <= args.min_recall <= 1.0:
         raise ConfigError("--min-recall", f"must be in [0, 1], got {args.min_recall}",
                           "e.g. 0.1")
-    if not 0.0 < args.test_fraction < 1.0:
-        raise ConfigError("--test-fraction", f"must be in (0, 1), got {args.test_fraction}",
-                          "e.g. 0.5")
-    split = DocumentSplit(max(meta.num_documents, last_doc + 1), args.seed, args.test_fraction)
-    if split.num_documents < 2:
-        raise ConfigError("--store", f"{split.num_documents} document(s): a held-out split "
-                          "needs at least 2", "extract more documents")
+    split = store_split(store, args.seed, args.test_fraction)
     sites = check_site_names(args.sites, meta.sites, "--sites")
     if meta.source["kind"] == "fsm":
         from codebook.data.fsm import TokFSM

@@ -35,29 +35,27 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0, help="the document split's seed")
     p.add_argument("--num-workers", type=int, default=1, help="counting actors")
     args = p.parse_args(argv)
-    from codebook.analysis.autolabel import prepare_labels
+    from codebook.analysis.autolabel import finish_labels, prepare_labels
     from codebook.analysis.features import load_features
-    from codebook.ray_glue.labels import build_labels_ray
+    from codebook.ray_glue.labels import count_rows
     from codebook.ray_glue.session import ray_session
     from codebook.store import CodeStore
 
     try:
-        if args.top_candidates < 1 or args.min_count < 1 or args.num_workers < 1:
-            raise ConfigError("--top-candidates/--min-count/--num-workers", "must be >= 1",
-                              "pass positive numbers")
+        if args.num_workers < 1:
+            raise ConfigError("--num-workers", f"must be >= 1, got {args.num_workers}", "e.g. 1")
         store = CodeStore(args.store)
         if not store.complete:
             raise ConfigError("--store", f"{store.root} has {len(store.done_shards())} of "
                               f"{store.meta.num_shards} shards", "finish pipelines/extract.py")
-        features = load_features(args.features)
-        prepare_labels(store, features, args.sites)  # every check before Ray starts
-    except (ConfigError, ValueError) as err:
+        job = prepare_labels(store, load_features(args.features), args.sites, args.seed,
+                             top_candidates=args.top_candidates, min_count=args.min_count)
+    except (ConfigError, ValueError) as err:  # every check before Ray starts
         sys.exit(f"config error: {err}")
     t0 = time.perf_counter()
     with ray_session():
-        table = build_labels_ray(store.root, features, args.sites, args.seed,
-                                 top_candidates=args.top_candidates, min_count=args.min_count,
-                                 num_workers=args.num_workers)
+        counts = count_rows(store, job, num_workers=args.num_workers)
+    table = finish_labels(job, counts)
     kinds = table.column("kind").to_pylist()
     summary = {"store": str(store.root), "labels": table.num_rows,
                "by_kind": {k: kinds.count(k) for k in sorted(set(kinds))},

@@ -39,14 +39,13 @@ from tqdm import tqdm
 from codebook.analysis.features import RegexFeature, RegexLabels, load_features
 from codebook.analysis.labels import TokenRows
 from codebook.analysis.search import CodeRef
-from codebook.analysis.store_heldout import DocumentSplit
+from codebook.analysis.store_heldout import DocumentSplit, store_split
 from codebook.errors import ConfigError
 from codebook.store import (
     CodeStore,
     StoreMeta,
     codes_column,
     list_to_numpy,
-    read_token_file,
     write_parquet_atomic,
 )
 
@@ -360,8 +359,8 @@ def prepare_labels(store: CodeStore | str | os.PathLike[str],
                    sites: Sequence[str] | None = None, seed: int = 0,
                    test_fraction: float = 0.5, top_candidates: int = 5,
                    min_count: int = 2) -> LabelJob:
-    """Check the store and options (every shard's documents are read for the split, as
-    ``pipelines/evaluate.py`` does); ``features=None``: the default regex library."""
+    """Check the store and options (``store_heldout.store_split`` reads every shard's document
+    ids, as ``pipelines/evaluate.py`` does); ``features=None``: the default regex library."""
     from codebook.resolve import check_site_names
 
     store = _open(store)
@@ -372,16 +371,9 @@ def prepare_labels(store: CodeStore | str | os.PathLike[str],
                           "run pipelines/extract.py first")
     if top_candidates < 1:
         raise ConfigError("top_candidates", f"must be >= 1, got {top_candidates}", "e.g. 5")
-    if not 0.0 < test_fraction < 1.0:
-        raise ConfigError("test_fraction", f"must be in (0, 1), got {test_fraction}", "e.g. 0.5")
-    last_doc = -1
-    for f in files:  # a foreign or corrupt file fails here, named, before any counting
-        docs = read_token_file(f, meta, columns=["doc_id"]).column("doc_id").to_numpy()
-        last_doc = max(last_doc, int(docs.max()) if docs.size else -1)
-    split = DocumentSplit(max(meta.num_documents, last_doc + 1), seed, test_fraction)
-    if split.num_documents < 2:
-        raise ConfigError("store", f"{split.num_documents} document(s): a held-out split needs "
-                          "at least 2", "extract more documents")
+    if min_count < 1:
+        raise ConfigError("min_count", f"must be >= 1, got {min_count}", "e.g. 2")
+    split = store_split(store, seed, test_fraction, "store")
     names = check_site_names(list(sites) if sites else None, meta.sites, "sites")
     regexes: tuple[RegexFeature, ...] = ()
     if meta.tokenizer is not None:
@@ -395,22 +387,19 @@ class ShardCounter:
     """``shard_label_counts`` for a job's shards (the tokenizer is loaded once, on first use)."""
 
     def __init__(self, job: LabelJob):
+        from codebook.analysis.search import StoreSearch
+
         self.job = job
-        self.store = CodeStore(job.store_root)
-        self._tokenizer: Any = None
+        self.search = StoreSearch(job.store_root)  # its tokenizer and token texts, loaded once
+        self.store = self.search.store
 
     @property
     def tokenizer(self) -> Any:
-        if self._tokenizer is None and self.store.meta.tokenizer is not None:
-            from codebook.data.text import load_tokenizer
-
-            self._tokenizer = load_tokenizer(self.store.meta.tokenizer)
-        return self._tokenizer
+        return self.search.tokenizer
 
     def piece(self, token_id: int) -> str:
         """A token's text (its id for stores without a tokenizer)."""
-        tok = self.tokenizer
-        return str(token_id) if tok is None else tok.decode([token_id])
+        return self.search.piece(token_id)
 
     def __call__(self, path: str | os.PathLike[str]) -> pa.Table:
         from codebook.corpus import read_documents
@@ -429,7 +418,7 @@ def finish_labels(job: LabelJob, counts: pa.Table, counter: ShardCounter | None 
                   ) -> pa.Table:
     """Choose every code's label from the merged counts and write ``labels.parquet``."""
     counter = counter or ShardCounter(job)
-    labels = choose_labels(counts, counter.store.meta, functools.cache(counter.piece),
+    labels = choose_labels(counts, counter.store.meta, counter.piece,
                            job.feature_names, job.top_candidates, job.min_count)
     labels = labels.replace_schema_metadata({METADATA_KEY: json.dumps(job.info(),
                                                                       sort_keys=True)})

@@ -61,9 +61,14 @@ def code_page(search: StoreSearch, ref: CodeRef, options: PageOptions | None = N
     }
     # best first, ties in store order; without scores, store order
     order = np.lexsort((np.arange(n), -score)) if has_scores else np.arange(n)
-    top = order[: o.examples]
-    page["examples"] = _examples(search, ref, fired, top, o.window)
-    page["quantiles"] = _quantiles(search, ref, fired, o) if has_scores and n else []
+    bands = _quantile_bands(fired["score"], o) if has_scores and n else []
+    rows = np.concatenate([order[: o.examples], *(b.pop("rows") for b in bands)])
+    examples = _examples(search, ref, fired, rows, o.window)  # one context query for all
+    page["examples"] = examples[: min(o.examples, n)]
+    at = len(page["examples"])
+    for band in bands:
+        band["examples"], at = examples[at : at + band["picked"]], at + band.pop("picked")
+    page["quantiles"] = bands
     page["density"] = _density(score if has_scores else None, o.bins, page["frequency"],
                                search.usage(ref.site))
     page["top_tokens"] = _top_tokens(search, fired["token_id"], n)
@@ -92,10 +97,9 @@ def _examples(search: StoreSearch, ref: CodeRef, fired: dict[str, np.ndarray],
     return out
 
 
-def _quantiles(search: StoreSearch, ref: CodeRef, fired: dict[str, np.ndarray],
-               o: PageOptions) -> list[dict[str, Any]]:
-    """``o.quantiles`` score bands from the top down, ``o.per_quantile`` random firings each."""
-    score = fired["score"]
+def _quantile_bands(score: np.ndarray, o: PageOptions) -> list[dict[str, Any]]:
+    """``o.quantiles`` score bands from the top down, each with ``o.per_quantile`` random
+    firings (``rows``, into the firings; ``picked``: how many)."""
     edges = np.quantile(score, np.linspace(0, 1, o.quantiles + 1))
     band = np.clip(np.searchsorted(edges, score, side="right") - 1, 0, o.quantiles - 1)
     rng = np.random.default_rng(o.seed)
@@ -107,8 +111,7 @@ def _quantiles(search: StoreSearch, ref: CodeRef, fired: dict[str, np.ndarray],
         pick = np.sort(rng.choice(members, min(o.per_quantile, members.size), replace=False))
         out.append({"band": f"{100 * b // o.quantiles}-{100 * (b + 1) // o.quantiles}%",
                     "low": float(edges[b]), "high": float(edges[b + 1]),
-                    "firings": int(members.size),
-                    "examples": _examples(search, ref, fired, pick, o.window)})
+                    "firings": int(members.size), "rows": pick, "picked": len(pick)})
     return out
 
 

@@ -56,6 +56,7 @@ from typing import Any
 
 import numpy as np
 
+from codebook.analysis.autolabel import LABELS_FILE, read_labels
 from codebook.analysis.search import CodeRef, StoreSearch
 from codebook.errors import ConfigError
 from codebook.io import atomic_write
@@ -74,7 +75,6 @@ STATIC = Path(__file__).resolve().parents[1] / "browser" / "static"
 EXPLANATION_TYPE = "codebook-autolabel"
 FEATURES_DIR = "features"
 DASHBOARD_FILE = "dashboard.html"
-LABELS_FILE = "labels.parquet"  # codebook.analysis.autolabel.LABELS_FILE
 FORMAT_VERSION = 1
 
 __all__ = ["SCHEMA_FILE", "dashboard_html", "export_codes", "feature_schema",
@@ -310,8 +310,6 @@ def export_codes(search: StoreSearch, codes: list[str] | None, out: Path, model:
     began = time.perf_counter()
     refs = resolve_codes(search, codes, min_count)  # all checked before any page is made
     if labels is None:
-        from codebook.analysis.autolabel import read_labels
-
         labels = read_labels(search.store)
     model_id = model_id or _model_id(search.meta.model)
     out = Path(out)

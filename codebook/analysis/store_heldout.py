@@ -42,7 +42,8 @@ from codebook.analysis.store_eval import (
     neuron_rows,
     shard_codes,
 )
-from codebook.store import StoreMeta, acts_column, list_to_numpy
+from codebook.errors import ConfigError
+from codebook.store import CodeStore, StoreMeta, acts_column, list_to_numpy, read_token_file
 
 SELECTION, TEST = "sel/", "test/"
 NULL_SELECTION, NULL_TEST = "null/sel/", "null/test/"
@@ -89,6 +90,25 @@ class DocumentSplit:
         sel, test = self.halves
         return {"unit": "document", **self.kwargs(), "documents_selection": int(sel.size),
                 "documents_test": int(test.size)}
+
+
+def store_split(store: CodeStore, seed: int, test_fraction: float,
+                where: str = "--store") -> DocumentSplit:
+    """The held-out split of a store's documents, checked before any work: every finished
+    shard is opened (a foreign or corrupt file fails here, named) for its document ids, so a
+    partial store splits the documents it holds."""
+    if not 0.0 < test_fraction < 1.0:
+        raise ConfigError("--test-fraction", f"must be in (0, 1), got {test_fraction}",
+                          "e.g. 0.5")
+    last_doc = -1
+    for f in store.shard_files():
+        docs = read_token_file(f, store.meta, columns=["doc_id"]).column("doc_id").to_numpy()
+        last_doc = max(last_doc, int(docs.max()) if docs.size else -1)
+    split = DocumentSplit(max(store.meta.num_documents, last_doc + 1), seed, test_fraction)
+    if split.num_documents < 2:
+        raise ConfigError(where, f"{split.num_documents} document(s): a held-out split needs "
+                          "at least 2", "extract more documents")
+    return split
 
 
 def _prefixed(prefix: str, partial: Partial, keep: tuple[str, ...] | None = None) -> Partial:

@@ -49,7 +49,8 @@ class StoreQuery:
     def _cursor(self) -> Any:
         """A cursor over the ``tokens`` view of the finished shards (redefined when shards
         were added)."""
-        files = [str(p) for p in self.store.shard_files()]
+        complete = len(self._files) == self.meta.num_shards  # then no shard can be added
+        files = self._files if complete else [str(p) for p in self.store.shard_files()]
         if not files:
             from codebook.errors import ConfigError
 
