@@ -1,11 +1,13 @@
 """Where a checkpoint keeps what, and checks that a model or checkpoint folder is intact.
 
-A training checkpoint is a folder with ``trainer_state.json``, the model in HF format under
-``hf/`` (a saved codebook model: HF files, ``codebooks.safetensors``, ``codebook_config.json``)
-and the engine's state: ``deepspeed/`` (DeepSpeed) or ``engine_model.safetensors`` +
-``engine_optim.pt`` (plain PyTorch). A run folder holds one checkpoint per save. A crash
-mid-write or a truncated copy leaves files that fail deep inside a load with a raw traceback;
-these checks read only headers and zip directories (cheap) and name the file instead.
+This module owns the layout's file names: ``model.py``, ``hub.py`` and the training loop
+import them from here. A training checkpoint is a folder with ``trainer_state.json``, the model
+in HF format under ``hf/`` (a saved codebook model: HF files, ``codebooks.safetensors``,
+``codebook_config.json``) and the engine's state: ``deepspeed/`` (DeepSpeed) or
+``engine_model.safetensors`` + ``engine_optim.pt`` (plain PyTorch). A run folder holds one
+checkpoint per save. A crash mid-write or a truncated copy leaves files that fail deep inside a
+load with a raw traceback; these checks read only headers and zip directories (cheap) and name
+the file instead.
 """
 
 from __future__ import annotations
@@ -20,8 +22,11 @@ from pathlib import Path
 
 from codebook.config import CodebookConfig
 from codebook.errors import ConfigError
-from codebook.model import CODEBOOK_CONFIG_FILE, CODEBOOK_WEIGHTS_FILE
 
+# A saved codebook model folder: the HF files plus these two (codebook/model.py writes them).
+CODEBOOK_CONFIG_FILE = "codebook_config.json"
+CODEBOOK_WEIGHTS_FILE = "codebooks.safetensors"
+K_IN_FORCE = "k"  # metadata key of the codebooks file: the k in force when it was saved
 STATE_FILE = "trainer_state.json"
 HF_DIR = "hf"
 # The engines' files (codebook/training/engine.py writes them).

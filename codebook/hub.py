@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from codebook.checkpoint import CODEBOOK_CONFIG_FILE, CODEBOOK_WEIGHTS_FILE, looks_local
 from codebook.errors import ConfigError
-from codebook.model import CODEBOOK_CONFIG_FILE, CODEBOOK_WEIGHTS_FILE
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # annotations only: hub never imports model at run time (model imports hub)
     from codebook.model import CodebookModel
 
 CARD_FILE = "README.md"
@@ -117,8 +117,6 @@ def card_base_model(folder: str | Path) -> str | None:
 def default_base_model(model: CodebookModel) -> str | None:
     """The base model's Hub id: the one ``from_pretrained`` found (a model card's base_model,
     or the Hub id new codebooks were attached to), else the HF config's name if a Hub id."""
-    from codebook.checkpoint import looks_local
-
     known = getattr(model, "base_model_name", None)
     if known is not None:  # "" = loaded with saved codebooks whose base is not recorded
         return known or None

@@ -4,7 +4,8 @@
 activation through its codebook; the HF forward pass itself is untouched, so ``generate`` and
 new ``transformers`` releases work as they are. Saved as a normal HF model folder plus
 ``codebooks.safetensors`` and ``codebook_config.json``; loaded from a folder or a Hub repo id,
-pushed to the Hub with a model card (codebook/hub.py).
+pushed to the Hub with a model card (codebook/hub.py, imported inside the methods that use it:
+the dependency runs model -> hub only). The folder's file names belong to codebook/checkpoint.py.
 """
 
 from __future__ import annotations
@@ -20,15 +21,18 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from codebook.checkpoint import (
+    CODEBOOK_CONFIG_FILE,
+    CODEBOOK_WEIGHTS_FILE,
+    K_IN_FORCE,
+    check_model_folder,
+    looks_local,
+)
 from codebook.config import CodebookConfig
 from codebook.errors import ConfigError
 from codebook.io import atomic_dir
 from codebook.layer import CodebookLayer
 from codebook.sites import Site, module_width, resolve_sites, site_module
-
-CODEBOOK_CONFIG_FILE = "codebook_config.json"
-CODEBOOK_WEIGHTS_FILE = "codebooks.safetensors"
-K_IN_FORCE = "k"  # metadata key of the codebooks file: the k in force when it was saved
 
 
 @dataclass
@@ -218,8 +222,6 @@ class CodebookModel(nn.Module):
         codebooks are attached.
         """
         from transformers import AutoModelForCausalLM
-
-        from codebook.checkpoint import check_model_folder, looks_local
 
         folder = Path(name_or_path)
         if folder.exists() or looks_local(name_or_path):  # local: a ConfigError names a bad file

@@ -13,10 +13,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from codebook.checkpoint import STATE_FILE
+from codebook.checkpoint import CODEBOOK_CONFIG_FILE, CODEBOOK_WEIGHTS_FILE, K_IN_FORCE, STATE_FILE
 from codebook.errors import ConfigError
-from codebook.model import CODEBOOK_CONFIG_FILE, CODEBOOK_WEIGHTS_FILE, K_IN_FORCE
-from codebook.store import SiteInfo
+from codebook.sites import SiteInfo
 
 
 def resolve_model(ref: str, download_to: Path, tracking_uri: str | None = None) -> str:

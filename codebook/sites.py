@@ -102,6 +102,22 @@ class Site:
         return f"{self.kind}_{self.layer}"
 
 
+@dataclass
+class SiteInfo:
+    """A trained model's site as a code store records it (``resolve.site_infos`` reads it from
+    the model's configs): ``groups x k`` code ids per token, ids < ``num_codes``, inputs of
+    width ``dim``."""
+
+    groups: int
+    k: int
+    num_codes: int
+    dim: int
+
+    @property
+    def width(self) -> int:
+        return self.groups * self.k
+
+
 def site_patterns(model_config: Any, config: CodebookConfig) -> dict[str, SitePattern]:
     """The pattern of every kind in ``config.sites``: ``config.site_patterns`` first, then the
     preset of the config's model_type; a ConfigError names the presets and the way out."""

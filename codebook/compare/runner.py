@@ -66,9 +66,9 @@ def check_model_sites(cfg, train) -> dict[str, int]:
     resolved on the base model's config: a site the model lacks fails here, before any work."""
     from transformers import AutoConfig
 
+    from codebook.checkpoint import CODEBOOK_CONFIG_FILE
     from codebook.compare.load import check_sites
     from codebook.config import CodebookConfig
-    from codebook.model import CODEBOOK_CONFIG_FILE
 
     m = train.model
     if cfg.base_model:
