@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def pick_code(store_root: str, min_count: int) -> str:
     """The labelled code with the best held-out precision (ties: more firings)."""
-    from codebook.analysis.autolabel import read_labels
+    from codebook.store.autolabel import read_labels
 
     labels = [v | {"code": k} for k, v in read_labels(store_root).items()
               if v.get("precision") is not None and v["count"] >= min_count]

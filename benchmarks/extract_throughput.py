@@ -83,8 +83,8 @@ def make_setup(root: Path, docs: int, quick: bool) -> Path:
 def plain_loop(opts: ExtractOptions, threads: int) -> dict:
     """The same shards in one process, one after another."""
     from codebook.data.text import load_tokenizer
-    from codebook.extraction import extract_shards
     from codebook.resolve import load_trained_model
+    from codebook.store.extract import extract_shards
 
     torch.set_num_threads(threads)
     store, model_path, pending = prepare(opts)

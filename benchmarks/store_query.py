@@ -26,8 +26,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from codebook.analysis.search import CodeRef, StoreSearch  # noqa: E402
 from codebook.store import CodeStore, StoreMeta, token_table  # noqa: E402
+from codebook.store.search import CodeRef, StoreSearch  # noqa: E402
 
 BEFORE = "f383f61"  # the last commit with the per-shard loops
 

@@ -1,10 +1,11 @@
-"""Code extraction without Ray: cut a corpus into shards, run a model over a shard's windows.
+"""A model over a corpus without Ray: cut it into shards and windows, read the codes.
 
 Shard ``i`` holds documents ``[i * docs_per_shard, (i + 1) * docs_per_shard)`` of a corpus
 (``codebook.corpus``), so a rerun finds the same shards. Documents are cut into windows, never
-packed together, so every stored token keeps its document and position.
-``codebook.ray_glue.extract`` runs these functions in Ray Data tasks and actors;
-``extract_shards`` runs them one shard after another in this process.
+packed together, so every stored token keeps its document and position. ``codebook.store.extract``
+writes what ``extract_windows`` reads into a code store (``codebook.ray_glue.extract`` does it
+in Ray Data tasks and actors); ``token_batches`` gives the same windows as padded batches
+(the dictionary metrics).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from codebook.corpus import read_documents
 from codebook.errors import ConfigError
@@ -117,31 +117,27 @@ def shard_windows(source: dict[str, Any], shard: dict[str, int], tokenizer: Any,
     return tokenise_documents(docs, shard["start"], tokenizer, block_size)
 
 
-def extract_to_store(model: Any, store: Any, shard: int, windows: dict[str, np.ndarray],
-                     batch_size: int = 8, device: torch.device | str = "cpu") -> int:
-    """Run the model over one shard's windows and write the shard; returns its token count."""
-    from codebook.store import token_table
+def token_batches(source: dict[str, Any], tokenizer: Any, block_size: int, batch_size: int,
+                  docs_per_read: int = 64) -> Iterator[dict[str, np.ndarray]]:
+    """A corpus (``corpus.describe_corpus``) as batches of the windows ``tokenise_documents``
+    cuts (extraction's cut), ``batch_size`` windows each, right-padded to the longest one:
+    ``input_ids`` (b, width) int64 and ``attention_mask`` (b, width) bool."""
+    pending: list[tuple[np.ndarray, int]] = []
+    n = source["num_documents"]
+    for start in range(0, n, docs_per_read):
+        docs = read_documents(source, start, min(start + docs_per_read, n))
+        w = tokenise_documents(docs, start, tokenizer, block_size)
+        for ids, length in zip(w["input_ids"], w["length"], strict=True):
+            pending.append((ids, int(length)))
+            if len(pending) == batch_size:
+                yield _padded_batch(pending)
+                pending = []
+    if pending:
+        yield _padded_batch(pending)
 
-    meta = store.meta
-    res = extract_windows(model, windows, list(meta.sites), meta.activation_sites, batch_size,
-                          device, meta.score_sites)
-    table = token_table(res["doc_id"], res["position"], res["token_id"], res["codes"], meta,
-                        res["acts"], res["scores"])
-    store.write_shard(shard, table)
-    return table.num_rows
 
-
-def extract_shards(model: Any, store: Any, shards: list[dict[str, int]], tokenizer: Any,
-                   batch_size: int = 8, device: torch.device | str = "cpu",
-                   progress: bool | None = None) -> Iterator[tuple[int, int]]:
-    """Every shard of ``shards`` in turn through :func:`shard_windows` and
-    :func:`extract_to_store`, yielding ``(shard, tokens)`` as each is written. A progress bar
-    goes to stderr (``progress=None``: only on a terminal)."""
-    meta = store.meta
-    bar = tqdm(shards, desc="extract", unit="shard", disable=None if progress is None
-               else not progress)
-    for shard in bar:
-        windows = shard_windows(meta.source, shard, tokenizer, meta.block_size)
-        tokens = extract_to_store(model, store, shard["shard"], windows, batch_size, device)
-        bar.set_postfix(tokens=tokens)
-        yield shard["shard"], tokens
+def _padded_batch(windows: list[tuple[np.ndarray, int]]) -> dict[str, np.ndarray]:
+    width = max(length for _, length in windows)
+    lengths = np.array([length for _, length in windows])
+    return {"input_ids": np.stack([ids[:width] for ids, _ in windows]).astype(np.int64),
+            "attention_mask": np.arange(width)[None, :] < lengths[:, None]}

@@ -6,7 +6,7 @@
     python pipelines/export.py --store stores/shakespeare --publish      # README.md dataset card
 
 Writes OUT/features/<site.group.code>.json (Neuronpedia's feature field names, checked by
-codebook/analysis/neuronpedia_feature.schema.json) and OUT/dashboard.html, one file that opens
+codebook/store/neuronpedia_feature.schema.json) and OUT/dashboard.html, one file that opens
 from disk (no server). The logit lens needs the model (--model, else the store's); without it
 the export goes on without the lens and says so. --publish writes a dataset card so that
 ``datasets.load_dataset(STORE, "tokens")`` reads the store (or copies it to --publish DIR).
@@ -66,9 +66,9 @@ def load_lens_model(path: str) -> tuple[Any, str | None]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    from codebook.analysis.code_page import PageOptions
-    from codebook.analysis.export import export_codes, publish_dataset, resolve_codes
-    from codebook.analysis.search import StoreSearch
+    from codebook.store.code_page import PageOptions
+    from codebook.store.export import export_codes, publish_dataset, resolve_codes
+    from codebook.store.search import StoreSearch
 
     summary: dict[str, Any] = {}
     try:

@@ -5,7 +5,7 @@
 A code's label is the best of its candidates (its most frequent firing tokens, token bigrams
 ending at the firing token, and the regex feature library), chosen by F1 on the selection half of
 the store's documents and scored (precision, recall) on the test half
-(``codebook.analysis.autolabel``). Shards are counted in Ray Data actors and summed by a groupby,
+(``codebook.store.autolabel``). Shards are counted in Ray Data actors and summed by a groupby,
 so the store is never held in memory (``codebook.ray_glue.labels``). The browser shows the labels
 on code pages and in search results. The last line printed is a JSON summary.
 """
@@ -35,11 +35,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0, help="the document split's seed")
     p.add_argument("--num-workers", type=int, default=1, help="counting actors")
     args = p.parse_args(argv)
-    from codebook.analysis.autolabel import finish_labels, prepare_labels
     from codebook.analysis.features import load_features
     from codebook.ray_glue.labels import count_rows
     from codebook.ray_glue.session import ray_session
     from codebook.store import CodeStore
+    from codebook.store.autolabel import finish_labels, prepare_labels
 
     try:
         if args.num_workers < 1:

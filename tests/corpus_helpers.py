@@ -65,9 +65,9 @@ def build_store(model_dir: Path, corpus: Path, out: Path, **options):
     """A complete code store made in this process (no Ray): the pipeline's own prepare step,
     then every shard through the library's extraction functions."""
     from codebook.data.text import load_tokenizer
-    from codebook.extraction import extract_shards
     from codebook.ray_glue.extract import ExtractOptions, prepare
     from codebook.resolve import load_trained_model
+    from codebook.store.extract import extract_shards
 
     opts = ExtractOptions(model=str(model_dir), out=str(out), source="text",
                           paths=[str(corpus)], block_size=64, docs_per_shard=6, **options)

@@ -1,6 +1,7 @@
-"""Automatic code labels (codebook.analysis.autolabel): sparse per-shard counts against brute
-force, labels of planted codes on a synthetic store (token, bigram, regex) with their test-half
-figures computed by hand, and the Ray Data driver against the local one."""
+"""Automatic code labels (codebook.store.label_counts, codebook.store.autolabel): sparse
+per-shard counts against brute force, labels of planted codes on a synthetic store (token,
+bigram, regex) with their test-half figures computed by hand, and the Ray Data driver against
+the local one."""
 
 from __future__ import annotations
 
@@ -13,20 +14,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from codebook.analysis.autolabel import (
-    COUNT_SCHEMA,
+from codebook.store import CodeStore, SiteInfo, StoreMeta, token_table
+from codebook.store.autolabel import (
     LABEL_SCHEMA,
     LABELS_FILE,
     ShardCounter,
     build_labels,
     choose_labels,
-    merge_counts,
     prepare_labels,
     read_labels,
-    shard_label_counts,
 )
-from codebook.analysis.store_heldout import DocumentSplit
-from codebook.store import CodeStore, SiteInfo, StoreMeta, token_table
+from codebook.store.heldout import DocumentSplit
+from codebook.store.label_counts import COUNT_SCHEMA, merge_counts, shard_label_counts
 
 SITE = "mlp_0"
 TOKEN_CODE, BIGRAM_CODE, ONCE_CODE = 3, 5, 15
@@ -327,7 +326,7 @@ def test_label_pipeline_rejects_bad_input_before_ray(tmp_path):
 
 
 def test_local_driver_merges_in_steps_to_the_same_labels(tmp_path, monkeypatch):
-    import codebook.analysis.autolabel as autolabel
+    import codebook.store.autolabel as autolabel
 
     store, _ = planted_store(tmp_path / "store", seed=2)
     once = build_labels(store, progress=False)

@@ -18,12 +18,12 @@ import pytest
 from corpus_helpers import text_model_store, wait_for
 from train_helpers import REPO
 
-from codebook.analysis.search import CodeRef, StoreSearch
 from codebook.browser import create_app
 from codebook.browser.serve import serving
 from codebook.data.text import load_tokenizer
 from codebook.resolve import load_trained_model
 from codebook.steering import generate
+from codebook.store.search import CodeRef, StoreSearch
 
 MONTHS = r"\b(January|February|March|April|May|June|July)\b"
 
@@ -170,7 +170,7 @@ def test_concurrent_steering_requests_answer_as_if_made_alone(served):
 
 
 def test_parameters_over_their_caps_answer_400_naming_the_cap(served):
-    from codebook.browser import app as browser
+    from codebook.browser import limits as browser
 
     url, code = served["url"], "mlp_1.0.42"
     over = [
@@ -247,7 +247,7 @@ def test_browse_cli_allowed_hosts_flag(served):
 
 def test_exponential_regexes_are_refused_quickly(served):
     from codebook.analysis.features import DEFAULT_FEATURES
-    from codebook.browser.app import check_regex
+    from codebook.browser.limits import check_regex
 
     for pattern in (r"(a+)+$", r"(\w+\s?)*x", r"(a|aa)*b", r"(.*)*y", r"(?:x|xy)+y"):
         began = time.time()
@@ -264,7 +264,8 @@ def test_exponential_regexes_are_refused_quickly(served):
 
 
 def test_regex_scans_stop_at_their_budget_and_say_the_result_is_partial(served):
-    from codebook.browser.app import BoundedStoreSearch, Limits
+    from codebook.browser.bounded_search import BoundedStoreSearch
+    from codebook.browser.limits import Limits
 
     store = served["store"]
     full = StoreSearch(store).codes_for_regex(MONTHS, top=50)
@@ -294,3 +295,37 @@ def test_regex_scans_stop_at_their_budget_and_say_the_result_is_partial(served):
         status, body = call(url, "/api/code/mlp_1.0.42?" + urllib.parse.urlencode(
             {"regex": MONTHS}))
         assert status == 200 and body["partial"] and "time budget" in body["note"]
+
+
+def test_token_search_on_a_store_without_tokenizer_answers_400_saying_what_to_do(tmp_path):
+    """An FSM store has token ids and no tokenizer: a text query is a 400 naming the fix (as
+    the regex search's), not a TypeError's 500; an id query still answers."""
+    import numpy as np
+
+    from codebook.errors import ConfigError
+    from codebook.store import CodeStore, SiteInfo, StoreMeta, token_table
+
+    meta = StoreMeta(model=str(tmp_path / "no-model"), tokenizer=None,
+                     source={"kind": "fsm", "num_documents": 4},
+                     sites={"mlp_0": SiteInfo(groups=1, k=1, num_codes=8, dim=4)},
+                     block_size=16, num_shards=1, num_documents=4)
+    store = CodeStore.create(tmp_path / "store", meta)
+    docs, pos = np.repeat(np.arange(4), 5), np.tile(np.arange(5), 4)
+    tokens = np.tile([3, 4, 3, 5, 6], 4)
+    codes = (tokens == 3).astype(np.int64)[:, None, None] * 7  # code 7 fires on token 3 only
+    store.write_shard(0, token_table(docs, pos, tokens, {"mlp_0": codes}, meta))
+    store.finalize_stats()
+
+    with pytest.raises(ConfigError, match="no tokenizer"):
+        StoreSearch(store).codes_for_token("zzzzzz")
+    with serving(create_app(store.root)) as url:
+        status, body = call(url, "/api/search/token?q=zzzzzz")
+        assert status == 400, (status, body)
+        assert body["detail"].startswith("token: ") and "no tokenizer" in body["detail"]
+        assert "Fix: search FSM stores by token id" in body["detail"], body
+        status, regex = call(url, "/api/search/regex?q=zz")  # the regex search's answer
+        assert status == 400 and "no tokenizer" in regex["detail"], regex
+        status, body = call(url, "/api/search/token?q=3")
+        assert status == 200, body
+        assert body["results"][0] == {"code": "mlp_0.0.7", "count": 8, "recall": 1.0,
+                                      "precision": 1.0, "label": None}

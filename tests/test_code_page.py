@@ -14,13 +14,13 @@ import pytest
 import torch
 from corpus_helpers import build_store, text_model_store, wait_for
 
-from codebook.analysis.autolabel import build_labels, read_labels
-from codebook.analysis.code_page import PageOptions, code_page
-from codebook.analysis.search import CodeRef, StoreSearch
 from codebook.browser import create_app
 from codebook.browser.serve import serving
 from codebook.resolve import load_trained_model
 from codebook.store import codes_column, list_to_numpy, scores_column
+from codebook.store.autolabel import build_labels, read_labels
+from codebook.store.code_page import PageOptions, code_page
+from codebook.store.search import CodeRef, StoreSearch
 
 SITE = "mlp_1"
 

@@ -17,16 +17,16 @@ import pytest
 from corpus_helpers import text_model_store, wait_for
 from train_helpers import REPO
 
-from codebook.analysis.code_page import code_page
-from codebook.analysis.export import (
+from codebook.resolve import load_trained_model
+from codebook.store.code_page import code_page
+from codebook.store.export import (
     dashboard_html,
     export_codes,
     feature_schema,
     neuronpedia_feature,
     publish_dataset,
 )
-from codebook.analysis.search import CodeRef, StoreSearch
-from codebook.resolve import load_trained_model
+from codebook.store.search import CodeRef, StoreSearch
 
 EVIL = "</script><script>window.pwned=1</script><!--"
 

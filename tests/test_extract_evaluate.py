@@ -163,7 +163,7 @@ def test_evaluate_matches_the_in_process_classifier_and_reports_unmatched(
     from codebook.analysis.features import DEFAULT_FEATURES
     from codebook.analysis.heldout import code_scores_at, neuron_scores_at
     from codebook.analysis.neurons import best_neurons_at_recall
-    from codebook.analysis.store_heldout import DocumentSplit
+    from codebook.store.heldout import DocumentSplit
 
     features = tmp_path / "features.yaml"
     features.write_text("- {name: never, regex: 'zzzqqq(x)'}\n"
@@ -208,6 +208,18 @@ def test_evaluate_matches_the_in_process_classifier_and_reports_unmatched(
     results = pq.read_table(tmp_path / "eval" / "results.parquet").to_pylist()
     assert len(results) == len(names) * len(store.meta.sites)  # a row per feature and site
     assert {r["status"] for r in results if r["feature"] == "never"} == {"no positives"}
+    # the same job in this process (eval_job.local_map, no Ray) gives the same rows
+    from codebook.analysis.features import load_features
+    from codebook.store.eval_job import local_map, prepare_evaluation, run_evaluation
+
+    job = prepare_evaluation(store, load_features(features), seed=3, min_recall=0.1)
+    local = run_evaluation(job, local_map(job))
+    assert local["tokens"] == summary["tokens"] and local["skipped"] == ["never"]
+    assert len(local["rows"]) == len(results)
+    for mine, theirs in zip(local["rows"], results, strict=True):
+        assert mine.keys() <= theirs.keys()
+        assert mine == {k: pytest.approx(theirs[k]) if isinstance(theirs[k], float)
+                        else theirs[k] for k in mine}
     # Ground truth: the single-process classifier on the selection rows, then the chosen code
     # and neuron scored on the test rows, for one site.
     row = next(r for r in results if r["feature"] == "months" and r["site"] == "mlp_1")

@@ -1,4 +1,4 @@
-"""The held-out store evaluation (codebook.analysis.store_heldout), shard by shard, no Ray:
+"""The held-out store evaluation (codebook.store.heldout), shard by shard, no Ray:
 the document split, test-half scores against hand computations, every feature accounted for,
 and the permutation null."""
 
@@ -11,8 +11,9 @@ import pytest
 from codebook.analysis.classifiers import best_code_per_label, code_feature_stats
 from codebook.analysis.heldout import code_scores_at, neuron_scores_at
 from codebook.analysis.neurons import best_neurons_at_recall
-from codebook.analysis.store_eval import NO_CODE, NO_POSITIVES, merge_partials, neuron_thresholds
-from codebook.analysis.store_heldout import (
+from codebook.store import SiteInfo, StoreMeta, list_to_numpy, token_table
+from codebook.store.evaluate import NO_CODE, NO_POSITIVES, merge_partials, neuron_thresholds
+from codebook.store.heldout import (
     SELECTION,
     DocumentSplit,
     heldout_above_counts,
@@ -22,7 +23,6 @@ from codebook.analysis.store_heldout import (
     heldout_summary,
     sub_partial,
 )
-from codebook.store import SiteInfo, StoreMeta, list_to_numpy, token_table
 
 
 def meta(num_codes: int = 10, groups: int = 2, k: int = 2, dim: int = 6) -> StoreMeta:

@@ -14,7 +14,6 @@ import pytest
 import torch
 from corpus_helpers import build_store, make_corpus, save_bpe_tokenizer, save_tiny_codebook_model
 
-from codebook.analysis.search import CodeRef, StoreSearch
 from codebook.data.text import load_tokenizer
 from codebook.errors import ConfigError
 from codebook.resolve import load_trained_model
@@ -28,6 +27,7 @@ from codebook.steering import (
     topic_token_ids,
 )
 from codebook.store import list_to_numpy
+from codebook.store.search import CodeRef, StoreSearch
 from pipelines import steer as steer_cli
 
 MONTHS = r"\b(January|February|March|April|May|June|July|August|September|October|November|December)\b"  # noqa: E501

@@ -9,7 +9,10 @@ import pyarrow as pa
 import pytest
 
 from codebook.analysis.features import RegexFeature, load_features, regex_token_labels
-from codebook.analysis.store_eval import (
+from codebook.errors import ConfigError
+from codebook.extraction import plan_shards, tokenise_documents
+from codebook.store import SiteInfo, StoreMeta, code_dtype, list_to_numpy, token_table
+from codebook.store.evaluate import (
     above_counts,
     best_code_rows,
     count_partials,
@@ -17,9 +20,6 @@ from codebook.analysis.store_eval import (
     neuron_rows,
     neuron_thresholds,
 )
-from codebook.errors import ConfigError
-from codebook.extraction import plan_shards, tokenise_documents
-from codebook.store import SiteInfo, StoreMeta, code_dtype, list_to_numpy, token_table
 
 
 def test_code_dtype_is_the_smallest_unsigned_type():

@@ -9,7 +9,7 @@ precise; ties go to sign +1, then to the lower index.
 The steps: :func:`recall_thresholds` (from the positives' activations alone),
 :func:`count_at_or_above` (over all tokens: one array, or shard by shard, summed) and
 :func:`choose_neurons`. :func:`best_neurons_at_recall` runs them in memory for many labels at
-once; ``store_eval`` runs them over a code store's shards.
+once; ``codebook.store.evaluate`` runs them over a code store's shards.
 """
 
 from __future__ import annotations

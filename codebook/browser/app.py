@@ -5,17 +5,18 @@
 JSON API (the page in ``static/index.html`` uses it): ``/api/meta``, ``/api/search/regex``,
 ``/api/search/token``, ``/api/code/{site.group.code}``, ``/api/usage/{site}``, ``/api/steer``,
 and ``/api/page/{site.group.code}`` behind each code's page, ``/code/{site.group.code}``
-(``codebook.analysis.code_page``: ranked examples, quantiles, density, logit lens, co-occurring
+(``codebook.store.code_page``: ranked examples, quantiles, density, logit lens, co-occurring
 codes, the automatic label). Search results carry each code's automatic label.
 Bad input (unknown site, code out of range, a broken regex, a number over its cap) answers 400
 with the message.
 
 Safe by default: requests whose Host header is not an allowed host are refused (DNS
 rebinding); the model runs one request at a time (steering attaches its codes to shared
-layers); every size a request chooses has a cap (``MAX_*``); a user regex is length-capped,
-refused if it can backtrack exponentially (a quantifier over a quantifier or over overlapping
-alternatives), and matched over the store under a time and text budget, after which the
-result is partial and says so.
+layers); every size a request chooses has a cap (``MAX_*`` in ``codebook.browser.limits``); a
+user regex is length-capped, refused if it can backtrack exponentially (a quantifier over a
+quantifier or over overlapping alternatives; ``limits.check_regex``), and matched over the store
+under a time and text budget (``bounded_search``), after which the result is partial and says
+so.
 """
 
 from __future__ import annotations
@@ -23,56 +24,20 @@ from __future__ import annotations
 import ipaddress
 import re
 import threading
-import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from contextvars import ContextVar
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from pydantic import BaseModel
 
-from codebook.analysis.search import CodeRef, StoreSearch, rank_codes
+from codebook.browser.bounded_search import BoundedStoreSearch
+from codebook.browser.limits import Limits, check_regex
 from codebook.errors import ConfigError
+from codebook.store.search import CodeRef
 
 STATIC = Path(__file__).with_name("static")
-
-# Caps on what one request may ask for (a larger value answers 400 and names the cap).
-MAX_TOP = 1000  # rows of a code search
-MAX_CONTEXTS = 200  # contexts of one code (n), examples on a code page
-MAX_BINS = 200  # usage histogram bins
-MAX_QUERY_CHARS = 500  # a token query or a regex pattern, in characters
-MAX_PROMPT_CHARS = 4000  # steering prompt, in characters
-MAX_NEW_TOKENS = 200  # steering generation length
-MAX_STEER_CODES = 32  # codes forced in one steering request
-MAX_BODY_BYTES = 64 * 1024  # a request body (the steering JSON)
-# Budget of one regex scan over the store; past it the scan stops and the result is partial.
-REGEX_SECONDS = 10.0  # wall clock, checked before each document
-REGEX_MAX_CHARS = 20_000_000  # document text matched in all
-REGEX_MAX_DOC_CHARS = 200_000  # longer documents are skipped (one match call cannot be stopped)
-# How long a steering request waits for the model while other requests use it.
-MODEL_WAIT_SECONDS = 120.0
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
-
-
-@dataclass(frozen=True)
-class Limits:
-    """The caps and budgets of one app; the defaults are the module constants."""
-
-    max_top: int = MAX_TOP
-    max_contexts: int = MAX_CONTEXTS
-    max_bins: int = MAX_BINS
-    max_query_chars: int = MAX_QUERY_CHARS
-    max_prompt_chars: int = MAX_PROMPT_CHARS
-    max_new_tokens: int = MAX_NEW_TOKENS
-    max_steer_codes: int = MAX_STEER_CODES
-    max_body_bytes: int = MAX_BODY_BYTES
-    regex_seconds: float = REGEX_SECONDS
-    regex_max_chars: int = REGEX_MAX_CHARS
-    regex_max_doc_chars: int = REGEX_MAX_DOC_CHARS
-    model_wait_seconds: float = MODEL_WAIT_SECONDS
 
 
 class SteerRequest(BaseModel):
@@ -81,196 +46,6 @@ class SteerRequest(BaseModel):
     prompt: str
     codes: list[str]
     max_new_tokens: int = 20
-
-
-# ------------------------------------------------------------------------- user regexes
-def check_regex(pattern: str, max_chars: int = MAX_QUERY_CHARS) -> re.Pattern[str]:
-    """``pattern`` compiled, if it is short enough and cannot backtrack exponentially."""
-    from codebook.analysis.features import RegexFeature
-
-    if len(pattern) > max_chars:
-        raise ConfigError("regex", f"the pattern has {len(pattern)} characters, the cap is "
-                          f"{max_chars}", "search with a shorter pattern")
-    compiled = RegexFeature("query", pattern).compiled()  # "invalid regex ..." if broken
-    import re._parser as sre_parse  # the parser re itself uses (Python >= 3.11)
-
-    problem = _backtracking_risk(list(sre_parse.parse(pattern)), in_repeat=False)
-    if problem:
-        raise ConfigError("regex", f"{pattern!r} has {problem}, which can take exponential "
-                          "time on some texts", "drop the inner quantifier, use a character "
-                          "class, or make it possessive/atomic (a++, (?>...))")
-    return compiled
-
-
-def _backtracking_risk(items: list, in_repeat: bool) -> str | None:
-    """What in a parsed pattern can backtrack exponentially: a variable quantifier or an
-    ambiguous alternation inside a backtracking quantifier that repeats (star height > 1)."""
-    from re import _constants as c
-
-    for op, av in items:
-        if op in (c.MAX_REPEAT, c.MIN_REPEAT):
-            low, high, body = av
-            if in_repeat and low != high:
-                return "a quantifier inside a repeated group"
-            found = _backtracking_risk(list(body), in_repeat or high > 1)
-        elif op in (c.POSSESSIVE_REPEAT, c.ATOMIC_GROUP):  # never gives back: a fresh start
-            found = _backtracking_risk(list(av[2] if op == c.POSSESSIVE_REPEAT else av), False)
-        elif op == c.SUBPATTERN:
-            found = _backtracking_risk(list(av[3]), in_repeat)
-        elif op == c.BRANCH:
-            branches = [list(b) for b in av[1]]
-            if in_repeat and not _disjoint_starts(branches):
-                return "alternatives that can match the same text inside a repeated group"
-            found = next((r for b in branches if (r := _backtracking_risk(b, in_repeat))), None)
-        elif op in (c.ASSERT, c.ASSERT_NOT):
-            found = _backtracking_risk(list(av[1]), in_repeat)
-        elif op == c.GROUPREF_EXISTS:
-            found = next((r for b in av[1:] if b is not None
-                          and (r := _backtracking_risk(list(b), in_repeat))), None)
-        else:
-            found = None
-        if found:
-            return found
-    return None
-
-
-def _disjoint_starts(branches: list[list]) -> bool:
-    """Whether every alternative starts with a literal character no other one starts with."""
-    from re import _constants as c
-
-    seen: set[str] = set()
-    for branch in branches:
-        while branch and branch[0][0] == c.SUBPATTERN:
-            branch = list(branch[0][1][3])
-        if not branch or branch[0][0] != c.LITERAL:
-            return False
-        first = chr(branch[0][1]).lower()  # case-blind: (?i) may be on
-        if first in seen:
-            return False
-        seen.add(first)
-    return True
-
-
-@dataclass
-class ScanBudget:
-    """What one regex scan may still read; ``partial`` once it skipped or stopped."""
-
-    seconds: float
-    chars_left: int
-    max_doc_chars: int
-    deadline: float = 0.0
-    documents: int = 0
-    stopped: bool = False
-    notes: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.deadline = time.monotonic() + self.seconds
-
-    @property
-    def partial(self) -> bool:
-        return bool(self.notes)
-
-    def admit(self, chars: int) -> bool:
-        """Whether a document of ``chars`` characters may be matched now (and count it)."""
-        if self.stopped:
-            return False
-        if time.monotonic() >= self.deadline:
-            self._stop(f"stopped after the time budget of {self.seconds:g} s")
-        elif chars > self.chars_left:
-            self._stop("stopped at the text budget")
-        elif chars > self.max_doc_chars:
-            note = f"skipped documents over {self.max_doc_chars} characters"
-            if note not in self.notes:
-                self.notes.append(note)
-        else:
-            self.chars_left -= chars
-            self.documents += 1
-            return True
-        return False
-
-    def _stop(self, note: str) -> None:
-        self.stopped = True
-        self.notes.append(note)
-
-    def report(self, total_documents: int) -> dict[str, Any]:
-        """The fields a search answer carries about its coverage."""
-        note = ""
-        if self.partial:
-            note = (f"partial result: matched {self.documents} of {total_documents} documents ("
-                    + "; ".join(self.notes) + "); precision and recall are over those only")
-        return {"partial": self.partial, "scanned_documents": self.documents,
-                "documents": total_documents, "note": note}
-
-
-_BUDGET: ContextVar[ScanBudget | None] = ContextVar("codebook_regex_budget", default=None)
-
-
-class BoundedStoreSearch(StoreSearch):
-    """``StoreSearch`` whose regex search, inside ``budget()``, matches document by document
-    and leaves out the rows of documents past the budget (``StoreSearch.code_stats`` goes
-    through it too)."""
-
-    @contextmanager
-    def budget(self, limits: Limits) -> Iterator[ScanBudget]:
-        scan = ScanBudget(limits.regex_seconds, limits.regex_max_chars,
-                          limits.regex_max_doc_chars)
-        token = _BUDGET.set(scan)
-        try:
-            yield scan
-        finally:
-            _BUDGET.reset(token)
-
-    def codes_for_regex(self, regex: str, sites: list[str] | None = None,
-                        min_recall: float = 0.0, top: int = 20, ignore_case: bool = False
-                        ) -> list[dict[str, Any]]:
-        """``StoreSearch.codes_for_regex`` over the documents the current budget admits."""
-        from codebook.analysis.features import RegexFeature
-        from codebook.analysis.search import _counts
-        from codebook.analysis.store_eval import merge_partials
-
-        scan = _BUDGET.get()
-        if scan is None or self.tokenizer is None:  # no budget, or FSM (the usual error)
-            return super().codes_for_regex(regex, sites, min_recall, top, ignore_case)
-        feature = RegexFeature("query", regex, ignore_case)
-        feature.compiled()
-        sites = self._sites(sites)
-        merged: dict[str, Any] = {}
-        for path in self.store.shard_files():
-            if scan.stopped:
-                break
-            table = self.store.read_shard(path)
-            labels, mask = self._scan_shard(table, feature, scan)
-            if mask.any():
-                merged = merge_partials(merged, _counts(table, self.meta, labels, mask, sites))
-        return rank_codes(merged, self.meta, sites, min_recall, top)
-
-    def _scan_shard(self, table, feature, scan: ScanBudget) -> tuple[np.ndarray, np.ndarray]:
-        """(labels, mask) of a shard's rows: mask marks the rows of the documents matched."""
-        from codebook.analysis.features import shard_regex_labels
-        from codebook.corpus import read_documents
-
-        docs = table.column("doc_id").to_numpy()
-        labels = np.zeros(len(docs), dtype=bool)
-        mask = np.zeros(len(docs), dtype=bool)
-        if len(docs) == 0:
-            return labels, mask
-        positions = table.column("position").to_numpy()
-        token_ids = table.column("token_id").to_numpy()
-        first = int(docs.min())
-        texts = read_documents(self.meta.source, first, int(docs.max()) + 1)
-        bounds = np.flatnonzero(np.diff(docs)) + 1
-        for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(docs)], strict=True):
-            doc = int(docs[lo])
-            text = texts[doc - first]
-            if not scan.admit(len(text)):  # checked before each document
-                if scan.stopped:
-                    break
-                continue
-            labels[lo:hi] = shard_regex_labels(
-                self.tokenizer, [text], doc, docs[lo:hi], positions[lo:hi], token_ids[lo:hi],
-                [feature])[:, 0]
-            mask[lo:hi] = True
-        return labels, mask
 
 
 # ------------------------------------------------------------------------- hosts
@@ -311,8 +86,8 @@ def create_app(store: str | Path, model_path: str | None = None, *, host: str = 
     from fastapi.staticfiles import StaticFiles
     from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-    from codebook.analysis.autolabel import read_labels
-    from codebook.analysis.code_page import PageOptions, code_page
+    from codebook.store.autolabel import read_labels
+    from codebook.store.code_page import PageOptions, code_page
 
     limits = limits or Limits()
     hosts = list(dict.fromkeys(default_allowed_hosts(host)

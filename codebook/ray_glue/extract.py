@@ -101,7 +101,7 @@ class _ExtractShard:
         self.batch_size = batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        from codebook.extraction import extract_to_store
+        from codebook.store.extract import extract_to_store
 
         out: dict[str, list] = {"shard": [], "tokens": [], "seconds": []}
         for i, shard in enumerate(batch["shard"]):

@@ -1,6 +1,6 @@
 """Automatic code labels with Ray Data: the shards counted in an actor pool, summed by a groupby.
 
-The same steps as ``codebook.analysis.autolabel.build_labels`` (which runs them in one process):
+The same steps as ``codebook.store.autolabel.build_labels`` (which runs them in one process):
 each shard becomes sparse count rows (``shard_label_counts``), Ray Data sums them by key
 (``groupby(...).sum("count")``), and the driver chooses every code's label and writes
 ``labels.parquet`` into the store folder, identical to the local driver's.
@@ -14,16 +14,10 @@ from collections.abc import Sequence
 import numpy as np
 import pyarrow as pa
 
-from codebook.analysis.autolabel import (
-    COUNT_KEYS,
-    COUNT_SCHEMA,
-    LabelJob,
-    ShardCounter,
-    finish_labels,
-    prepare_labels,
-)
 from codebook.analysis.features import RegexFeature
 from codebook.store import CodeStore
+from codebook.store.autolabel import LabelJob, ShardCounter, finish_labels, prepare_labels
+from codebook.store.label_counts import COUNT_KEYS, COUNT_SCHEMA
 
 
 class _CountShard:

@@ -1,5 +1,5 @@
-// Renders one code's page (the JSON of /api/page/<code>, codebook/analysis/code_page.py) into
-// an element. Used by code.html (served) and by the static export (codebook/analysis/export.py),
+// Renders one code's page (the JSON of /api/page/<code>, codebook/store/code_page.py) into
+// an element. Used by code.html (served) and by the static export (codebook/store/export.py),
 // so both show the same thing. Builds DOM nodes only (token texts never become HTML).
 "use strict";
 

@@ -2,7 +2,7 @@
 
 The held-out protocol on top of these steps (documents split into a selection and a test
 half, everything chosen on the first and scored on the second, plus a permutation null) is
-``codebook.analysis.store_heldout``.
+``codebook.store.heldout``.
 
 Two passes, each a map over shards whose partial results add up (so a Ray Data aggregation can
 combine them, and no process ever holds the whole store):

@@ -8,7 +8,7 @@
 - ``logit_lens``: the tokens the code's vector raises and lowers through the rest of the
   network's linear path (``codebook.analysis.logit_lens``; needs the model);
 - ``cooccurring``: codes of any site that fire on the same tokens, ranked by lift;
-- ``label``: the automatic label (``codebook.analysis.autolabel``), when the store has them;
+- ``label``: the automatic label (``codebook.store.autolabel``), when the store has them;
 - ``similar``: the nearest codes of the same codebook by cosine.
 
 ``code_page`` reads the store through DuckDB (``StoreSearch.query``) and holds only the code's
@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from codebook.analysis.search import CodeRef, StoreSearch
+from codebook.store.search import CodeRef, StoreSearch
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 Codes are named ``site.group.code`` (e.g. ``attn_heads_7.12.7884``: layer 7, head 12, code 7884,
 the paper's ``7.12.7884``). Token and context queries run as SQL in DuckDB over the Parquet
-shards (``store_query.StoreQuery``); a regex search labels the documents' text shard by shard in
+shards (``query.StoreQuery``); a regex search labels the documents' text shard by shard in
 Python (the regex runs on text, not on the store) and counts with numpy. ``pipelines/evaluate.py``
 does the regex counting with Ray Data for larger stores.
 """
@@ -56,9 +56,9 @@ class StoreSearch:
     # ---------------------------------------------------------------- helpers
     @property
     def query(self) -> Any:
-        """The store's DuckDB queries (``store_query.StoreQuery``), opened once."""
+        """The store's DuckDB queries (``query.StoreQuery``), opened once."""
         if self._query is None:
-            from codebook.analysis.store_query import StoreQuery
+            from codebook.store.query import StoreQuery
 
             self._query = StoreQuery(self.store)
         return self._query
@@ -96,10 +96,15 @@ class StoreSearch:
         return self._pieces[token_id]
 
     def token_id(self, token: str | int) -> int:
-        """A token id from an id or a token's text (must be a single token)."""
+        """A token id from an id or a token's text (must be a single token; stores without a
+        tokenizer take ids only)."""
         if isinstance(token, int) or (isinstance(token, str) and token.isdigit()
                                       and self.tokenizer is None):
             return int(token)
+        if self.tokenizer is None:  # FSM: tokens are ids, there is no text to tokenise
+            raise ConfigError("token", f"{token!r} is not a token id, and this store has no "
+                              "tokenizer (FSM tokens)", "search FSM stores by token id "
+                              "(e.g. 17), or by token text on a text model's store")
         ids = self.tokenizer(token, add_special_tokens=False)["input_ids"]
         if len(ids) != 1:
             raise ConfigError("token", f"{token!r} is {len(ids)} tokens, not one",
@@ -143,7 +148,7 @@ class StoreSearch:
         """Codes ranked as classifiers of a regex feature: precision at recall >=
         ``min_recall`` (ties: recall), with recall and F1."""
         from codebook.analysis.features import RegexFeature
-        from codebook.analysis.store_eval import merge_partials
+        from codebook.store.evaluate import merge_partials
 
         feature = RegexFeature("query", regex, ignore_case)
         feature.compiled()
@@ -210,7 +215,7 @@ class StoreSearch:
         """(groups, num_codes, dim) code vectors of ``site`` from the model's safetensors."""
         from safetensors import safe_open
 
-        from codebook.model import CODEBOOK_WEIGHTS_FILE
+        from codebook.checkpoint import CODEBOOK_WEIGHTS_FILE
 
         if site in self._codebooks:
             return self._codebooks[site]
@@ -228,9 +233,9 @@ class StoreSearch:
 
 def _counts(table: Any, meta: Any, labels: np.ndarray, mask: np.ndarray, sites: list[str]
             ) -> dict[str, Any]:
-    """``store_eval.count_partials`` for one feature (``labels`` (T,) bool): ``positives``
+    """``evaluate.count_partials`` for one feature (``labels`` (T,) bool): ``positives``
     and per site ``joint/<site>`` (groups*num_codes,) and ``codes/<site>``."""
-    from codebook.analysis.store_eval import count_partials
+    from codebook.store.evaluate import count_partials
 
     part = count_partials(table, meta, labels.astype(bool)[:, None], mask, 1, sites, [])
     part["positives"] = part.pop("label_counts")[0]

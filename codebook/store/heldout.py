@@ -1,17 +1,17 @@
 """Held-out store evaluation: choose on one half of the documents, report on the other.
 
-The documents of a code store are split (seeded, ``heldout.split_halves``) into a *selection*
-half and a *test* half; every token goes with its document. Pass 1 (``heldout_count_partials``)
-keeps two sets of ``store_eval.count_partials`` counts, one per half (keys prefixed ``sel/``
-and ``test/``), plus the same code counts after each codebook's assignments are shuffled across
-the shard's counted tokens (``null/sel/``, ``null/test/``: the permutation null, every code's
-frequency in the shard kept). The driver then
+The documents of a code store are split (seeded, ``codebook.analysis.heldout.split_halves``)
+into a *selection* half and a *test* half; every token goes with its document. Pass 1
+(``heldout_count_partials``) keeps two sets of ``evaluate.count_partials`` counts, one per half
+(keys prefixed ``sel/`` and ``test/``), plus the same code counts after each codebook's
+assignments are shuffled across the shard's counted tokens (``null/sel/``, ``null/test/``: the
+permutation null, every code's frequency in the shard kept). The driver then
 
 * chooses each feature's best code per site on the selection half (``heldout_code_rows``) and
   scores that code on the test half (``code_precision_test``, ``code_recall_test``); the null
   does the same on the shuffled counts (``code_precision_null``, to set beside ``base_rate``,
   the feature's share of the test tokens);
-* takes each neuron's threshold from the selection positives (``store_eval.neuron_thresholds``
+* takes each neuron's threshold from the selection positives (``evaluate.neuron_thresholds``
   on the ``sel/`` counts); pass 2 (``heldout_above_counts``) counts tokens at or above every
   threshold in each half; the neuron and its threshold are chosen on the selection half and
   scored on the test half (``heldout_neuron_rows``);
@@ -32,7 +32,9 @@ import numpy as np
 import pyarrow as pa
 
 from codebook.analysis.heldout import permute_codes, split_halves
-from codebook.analysis.store_eval import (
+from codebook.errors import ConfigError
+from codebook.store import CodeStore, StoreMeta, acts_column, list_to_numpy, read_token_file
+from codebook.store.evaluate import (
     NO_CODE,
     NO_POSITIVES,
     Partial,
@@ -42,8 +44,6 @@ from codebook.analysis.store_eval import (
     neuron_rows,
     shard_codes,
 )
-from codebook.errors import ConfigError
-from codebook.store import CodeStore, StoreMeta, acts_column, list_to_numpy, read_token_file
 
 SELECTION, TEST = "sel/", "test/"
 NULL_SELECTION, NULL_TEST = "null/sel/", "null/test/"
@@ -65,7 +65,7 @@ class DocumentSplit:
 
     @functools.cached_property
     def halves(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(selection, test)`` sorted document ids (``heldout.split_halves``)."""
+        """``(selection, test)`` sorted document ids (``analysis.heldout.split_halves``)."""
         return split_halves(self.num_documents, self.seed, self.test_fraction)
 
     @functools.cached_property
@@ -191,7 +191,7 @@ def _score(counts: Partial, site: str, code: int, f: int) -> tuple[float | None,
 def heldout_code_rows(merged: Partial, meta: StoreMeta, sites: list[str],
                       feature_names: list[str], min_recall: float) -> list[dict[str, Any]]:
     """One row per (feature, site), every feature included: the codes chosen on the selection
-    half (``store_eval.best_code_rows``: ``code_precision``, ``code_recall``, the F1 code)
+    half (``evaluate.best_code_rows``: ``code_precision``, ``code_recall``, the F1 code)
     with their test-half figures (``*_test``), the null (``code_precision_null``: the test
     precision of the code the same choice finds on shuffled codes), the feature's test
     ``base_rate`` and ``positives`` (both halves) / ``positives_selection`` /
@@ -234,7 +234,7 @@ def _f1(p: float | None, r: float | None) -> float | None:
 def heldout_neuron_rows(rows: list[dict[str, Any]], thresholds: dict[str, np.ndarray],
                         above: Partial, merged: Partial, activation_sites: list[str]) -> None:
     """Each row's neuron, sign and threshold chosen on the selection half
-    (``store_eval.neuron_rows`` on the ``sel/`` counts: ``neuron_precision``,
+    (``evaluate.neuron_rows`` on the ``sel/`` counts: ``neuron_precision``,
     ``neuron_recall``) and scored on the test half (``neuron_precision_test``,
     ``neuron_recall_test``: the test positives at or above the threshold, from pass 1's
     activations, over the test tokens at or above it, from pass 2). ``neuron_status``."""

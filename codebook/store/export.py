@@ -1,6 +1,6 @@
 """Export codes for sharing: Neuronpedia-style feature JSON, one static dashboard, an HF dataset.
 
-- ``neuronpedia_feature``: one code page (``codebook.analysis.code_page``) as a feature in the
+- ``neuronpedia_feature``: one code page (``codebook.store.code_page``) as a feature in the
   field names of Neuronpedia's feature records (its database models ``Neuron``, ``Activation``
   and ``Explanation``, and the SAEDashboard upload batches), checked by the JSON Schema
   ``neuronpedia_feature.schema.json`` beside this file. The mapping:
@@ -56,8 +56,6 @@ from typing import Any
 
 import numpy as np
 
-from codebook.analysis.autolabel import LABELS_FILE, read_labels
-from codebook.analysis.search import CodeRef, StoreSearch
 from codebook.errors import ConfigError
 from codebook.io import atomic_write
 from codebook.store import (
@@ -69,6 +67,8 @@ from codebook.store import (
     codes_column,
     scores_column,
 )
+from codebook.store.autolabel import LABELS_FILE, read_labels
+from codebook.store.search import CodeRef, StoreSearch
 
 SCHEMA_FILE = Path(__file__).with_name("neuronpedia_feature.schema.json")
 STATIC = Path(__file__).resolve().parents[1] / "browser" / "static"
@@ -305,7 +305,7 @@ def export_codes(search: StoreSearch, codes: list[str] | None, out: Path, model:
     ``labels``: ``read_labels`` (None: read from the store); ``options``: ``PageOptions``;
     ``model_id``: Neuronpedia's modelId (default: the model folder's name). Returns
     ``{codes, files, seconds, out, dashboard, logit_lens}``."""
-    from codebook.analysis.code_page import code_page
+    from codebook.store.code_page import code_page
 
     began = time.perf_counter()
     refs = resolve_codes(search, codes, min_count)  # all checked before any page is made

@@ -1,4 +1,5 @@
-"""The code store: which codes fired at every token, as partitioned Parquet any tool can read.
+"""The code store's format and writer: which codes fired at every token, as partitioned Parquet
+any tool can read.
 
 Layout of a store folder::
 
@@ -31,6 +32,7 @@ import pyarrow.parquet as pq
 
 from codebook.errors import ConfigError
 from codebook.io import atomic_write
+from codebook.sites import SiteInfo
 
 STORE_VERSION = 1
 META_FILE = "store.json"
@@ -38,20 +40,6 @@ TOKENS_DIR = "tokens"
 STATS_DIR = "stats"
 CODE_STATS_FILE = "code_stats.parquet"
 SCHEMA_KEY = b"codebook.store"
-
-
-@dataclass
-class SiteInfo:
-    """One codebook site as stored: ``groups x k`` code ids per token, ids < ``num_codes``."""
-
-    groups: int
-    k: int
-    num_codes: int
-    dim: int
-
-    @property
-    def width(self) -> int:
-        return self.groups * self.k
 
 
 @dataclass
