@@ -1,4 +1,11 @@
-"""codebook: sparse, discrete codebook features for Hugging Face causal language models."""
+"""codebook: sparse, discrete codebook features for Hugging Face causal language models.
+
+The library is built in floors, each importing only its own floor and those below
+(docs/architecture.md; tests/test_architecture.py checks it): the core (this package's modules,
+``data``, ``kernels``), then ``training``, ``analysis``, ``compare`` and ``steering``, then
+``store`` and ``browser``, then ``ray_glue`` (the only Ray code). The package itself exports
+the core's public names.
+"""
 
 from codebook.config import CodebookConfig, SitePattern
 from codebook.errors import ConfigError

@@ -51,6 +51,8 @@ Conventions
   distribution and b's own (divided by ln 2), and the next-token JSD at a's last digit (the
   reference's measure). ``"clean"`` is the same measurement without a patch, ``"b_itself"``
   b's own prediction (the ceiling: success cannot beat how well the model knows b).
+
+Part of ``codebook.analysis`` and imports as it may: the core and the rest of analysis.
 """
 
 from codebook.analysis.fsm.interventions import intervention_experiment, select_pairs
