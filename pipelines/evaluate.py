@@ -136,11 +136,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         with ray_session():
             result = evaluate_store(job, args.num_workers)
-    except Exception as err:  # an actor's ConfigError (e.g. a corrupt shard) arrives wrapped
-        cause = _config_error_in(err)
-        if cause is None:
-            raise
-        sys.exit(f"config error: {cause}")
+    except ConfigError as err:  # an actor's (e.g. a corrupt shard), unwrapped
+        sys.exit(f"config error: {err}")
     for name in result["skipped"]:
         print(f"feature {name!r} matched no token in {result['tokens']} tokens: skipped",
               file=sys.stderr, flush=True)
@@ -148,16 +145,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             args)
     print(json.dumps(summary), flush=True)
     return summary
-
-
-def _config_error_in(err: BaseException) -> ConfigError | None:
-    seen = 0
-    while err is not None and seen < 10:
-        if isinstance(err, ConfigError):
-            return err
-        err = err.__cause__ or getattr(err, "cause", None)
-        seen += 1
-    return None
 
 
 if __name__ == "__main__":

@@ -257,6 +257,23 @@ def evaluate_cli_months() -> str:
     return next(f.regex for f in DEFAULT_FEATURES if f.name == "months")
 
 
+def test_an_actors_config_error_reaches_the_command_as_itself():
+    """Ray hands an actor's ConfigError over wrapped (a RayTaskError, or one made an instance
+    of the ConfigError's class, whose message is Ray's traceback): the original is found."""
+    from ray.exceptions import RayTaskError
+
+    from codebook.ray_glue.evaluate import config_error_in
+
+    inner = ConfigError("shard-00002.parquet", "is corrupt", "delete it and re-run")
+    wrapped = RayTaskError("_StageActor.__call__", "Traceback ...", inner)
+    assert config_error_in(wrapped) is inner
+    assert config_error_in(wrapped.as_instanceof_cause()) is inner
+    outer = RuntimeError("the dataset failed")
+    outer.__cause__ = wrapped.as_instanceof_cause()
+    assert config_error_in(outer) is inner and config_error_in(inner) is inner
+    assert config_error_in(RuntimeError("no config error")) is None
+
+
 def test_corrupt_or_foreign_shard_is_named_before_any_work(store, tmp_path):
     bad = tmp_path / "store"
     shutil.copytree(store.root, bad)

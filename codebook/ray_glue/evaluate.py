@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from codebook.errors import ConfigError
 from codebook.store.eval_job import EvalJob, run_evaluation
 from codebook.store.evaluate import Partial, merge_partials
 
@@ -63,9 +64,29 @@ def map_shards(files: list[str] | tuple[str, ...], stage: type, kwargs: dict[str
 
 def evaluate_store(job: EvalJob, num_workers: int = 1) -> dict[str, Any]:
     """``eval_job.run_evaluation`` with both passes in Ray Data (Ray must be up, e.g.
-    ``ray_session``)."""
-    return run_evaluation(job, lambda stage, kwargs: map_shards(job.files, stage, kwargs,
-                                                                num_workers))
+    ``ray_session``). An actor's ConfigError (e.g. a corrupt shard), which Ray hands over
+    wrapped, is raised as itself."""
+    try:
+        return run_evaluation(job, lambda stage, kwargs: map_shards(job.files, stage, kwargs,
+                                                                    num_workers))
+    except Exception as err:
+        cause = config_error_in(err)
+        if cause is None:
+            raise
+        raise cause from err
 
 
-__all__ = ["evaluate_store", "map_shards"]
+def config_error_in(err: BaseException | None, depth: int = 10) -> ConfigError | None:
+    """The original ConfigError inside a Ray error, if any: down its ``cause`` (a
+    ``RayTaskError``'s, also when Ray made it an instance of the cause's class) or else its
+    ``__cause__`` chain."""
+    while err is not None and depth > 0:
+        inner = getattr(err, "cause", None)
+        if isinstance(err, ConfigError) and not isinstance(inner, ConfigError):
+            return err
+        err = inner if isinstance(inner, BaseException) else err.__cause__
+        depth -= 1
+    return None
+
+
+__all__ = ["config_error_in", "evaluate_store", "map_shards"]
