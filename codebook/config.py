@@ -80,8 +80,10 @@ class CodebookConfig:
     codebook per head: the paper's main site), ``attn`` (attention output), ``mlp`` (MLP output),
     ``mlp_hidden`` (input of the MLP down projection), ``block`` (transformer block output).
     ``attn`` and ``mlp`` are what the sublayer adds to the residual stream (on Gemma 2/3, the
-    output of the norm that follows it). Each model_type with a preset (``codebook.sites.PRESETS``)
-    knows where these live; ``site_patterns`` overrides them or adds new kinds by module name.
+    output of the norm that follows it). An empty list attaches no codebooks: the plain model,
+    trained by the same loop (the control a codebook model is compared with). Each model_type
+    with a preset (``codebook.sites.PRESETS``) knows where these live; ``site_patterns``
+    overrides them or adds new kinds by module name.
     """
 
     sites: list[str] = field(default_factory=lambda: ["attn_heads"])
@@ -140,9 +142,9 @@ class CodebookConfig:
                                   "give a SitePattern or a mapping of its fields")
             pattern.validate(f"{p}.site_patterns.{kind}")
         kinds = (*SITE_KINDS, *(k for k in self.site_patterns if k not in SITE_KINDS))
-        if not isinstance(self.sites, list | tuple) or not self.sites:
+        if not isinstance(self.sites, list | tuple):  # [] : no codebooks, the plain model
             raise ConfigError(
-                f"{p}.sites", f"got {self.sites!r}", f"give a list from {kinds}"
+                f"{p}.sites", f"got {self.sites!r}", f"give a list from {kinds} ([]: none)"
             )
         for s in self.sites:
             if s not in kinds:

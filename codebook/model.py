@@ -218,7 +218,8 @@ class CodebookModel(nn.Module):
         ``name_or_path`` is a local folder or a Hub repo id (``owner/name``; its files come
         through ``huggingface_hub``'s cache, so ``HF_HUB_OFFLINE`` and ``HF_HUB_CACHE`` apply). If
         it holds ``codebook_config.json``, the saved codebooks are loaded (``codebook_config``
-        must then be None or equal). Otherwise ``codebook_config`` is required and fresh
+        must then be None or equal), unless it lists no sites (a plain model the loop trained:
+        a base model like any other). Otherwise ``codebook_config`` is required and fresh
         codebooks are attached.
         """
         from transformers import AutoModelForCausalLM
@@ -236,8 +237,10 @@ class CodebookModel(nn.Module):
                 if commit:  # the base model from the same commit as the codebooks
                     hf_kwargs = {**hf_kwargs, "revision": commit}
         saved = folder / CODEBOOK_CONFIG_FILE
-        if saved.is_file():
-            stored = CodebookConfig.load(saved)
+        stored = CodebookConfig.load(saved) if saved.is_file() else None
+        if stored is not None and not stored.sites and codebook_config is not None:
+            stored = None  # a plain model the loop saved (no sites): a base model like any other
+        if stored is not None:
             if codebook_config is not None and codebook_config != stored:
                 raise ConfigError(
                     "codebook_config",
@@ -261,7 +264,7 @@ class CodebookModel(nn.Module):
             if hasattr(model.config, "quantization_config"):
                 del model.config.quantization_config
         cb_model = cls(model, codebook_config)
-        if saved.is_file():
+        if stored is not None:
             from codebook.hub import card_base_model
 
             cb_model.load_codebooks(folder / CODEBOOK_WEIGHTS_FILE)

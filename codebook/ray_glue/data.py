@@ -68,6 +68,7 @@ def text_datasets(cfg: TrainConfig) -> dict[str, Any]:
     tokenizer = cfg.model.tokenizer or cfg.model.name_or_path
     # A fixed order keeps the held-out split the same across runs and resumes.
     ray.data.DataContext.get_current().execution_options.preserve_order = True
+    column = d.text_column if d.source != "text" else "text"
     if d.source == "parquet":
         ds = ray.data.read_parquet(expand_paths(d.paths, (".parquet",))).select_columns(
             [d.text_column])
@@ -76,17 +77,34 @@ def text_datasets(cfg: TrainConfig) -> dict[str, Any]:
         ds = ray.data.read_binary_files(files).map(_file_to_document)
     else:
         ds = hf_dataset(cfg)
-        column = d.text_column
         ds = ds.filter(lambda row: bool(str(row[column]).strip()))  # WikiText: blank lines
-    ds = ds.map_batches(
-        _Packer, fn_constructor_kwargs={"tokenizer": tokenizer, "block_size": d.block_size,
-                                        "column": d.text_column if d.source != "text" else "text"},
-        batch_format="pandas", batch_size=256,
-        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5,
-    )
-    if d.max_blocks:
-        ds = ds.limit(d.max_blocks + d.eval_blocks)
-    eval_ds, train_ds = ds.split_at_indices([d.eval_blocks])
+
+    def pack(documents: Any) -> Any:
+        return documents.map_batches(
+            _Packer, fn_constructor_kwargs={"tokenizer": tokenizer, "block_size": d.block_size,
+                                            "column": column},
+            batch_format="pandas", batch_size=256,
+            compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5,
+        )
+
+    if d.heldout_fraction:  # whole documents held out (codebook.data.heldout)
+        from codebook.data.heldout import is_heldout
+
+        frac, seed = d.heldout_fraction, d.heldout_seed
+        # Materialised here, as split_at_indices does below: packed inside the trainer, the
+        # read tasks would wait for CPUs its workers and packers hold.
+        eval_ds = pack(ds.filter(lambda row: is_heldout(str(row[column]), frac, seed)))
+        eval_ds = eval_ds.limit(d.eval_blocks).materialize()
+        train_ds = pack(ds.filter(lambda row: not is_heldout(str(row[column]), frac, seed)))
+        train_ds = (train_ds.limit(d.max_blocks) if d.max_blocks else train_ds).materialize()
+        if eval_ds.count() == 0:
+            raise ConfigError("data.heldout_fraction", f"the held-out share {frac} of the "
+                              "corpus holds no whole block", "raise it, or add documents")
+    else:
+        ds = pack(ds)
+        if d.max_blocks:
+            ds = ds.limit(d.max_blocks + d.eval_blocks)
+        eval_ds, train_ds = ds.split_at_indices([d.eval_blocks])
     need = cfg.optim.batch_size * cfg.run.num_workers
     if train_ds.count() < need:
         where = "data.hf_dataset" if d.source == "hf" else "data.paths"

@@ -81,6 +81,13 @@ class DataSection:
     # is consecutive blocks of one document and a model learns to track the current document in
     # its weights rather than to read its context.
     shuffle_buffer: int = 16384
+    # Documents held out for evaluation (text, parquet and hf sources): a document is held out
+    # when a keyed hash of its text falls below this share (codebook.data.heldout); the eval
+    # blocks then come from held-out documents only and no held-out document is trained on.
+    # 0: the first eval_blocks blocks of the corpus are the eval set (their documents' other
+    # blocks are trained on).
+    heldout_fraction: float = 0.0
+    heldout_seed: int = 0
 
 
 @dataclass
@@ -243,6 +250,12 @@ class TrainConfig:
         if d.shuffle_buffer < 0:
             raise ConfigError("data.shuffle_buffer", f"got {d.shuffle_buffer}",
                               "use a number of blocks, or 0 for corpus order")
+        if not 0 <= d.heldout_fraction < 1:
+            raise ConfigError("data.heldout_fraction", f"got {d.heldout_fraction}",
+                              "use a share of documents in [0, 1), e.g. 0.1")
+        if d.heldout_fraction and d.source == "fsm":
+            raise ConfigError("data.heldout_fraction", "the FSM source has no documents",
+                              "leave it 0: the FSM's eval sequences are drawn apart already")
         if d.block_size < 2:
             raise ConfigError("data.block_size", f"got {d.block_size}", "use at least 2 tokens")
         return self

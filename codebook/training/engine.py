@@ -25,7 +25,7 @@ def param_groups(model: CodebookModel, cfg: TrainConfig) -> list[dict[str, Any]]
     :func:`model_lr_lambda` (or frozen)."""
     o = cfg.optim
     groups = [{"params": model.codebook_parameters(), "lr": o.lr, "weight_decay": 0.0,
-               "name": "codebooks"}]
+               "name": "codebooks"}] if model.codebooks else []  # none: the plain model
     if cfg.model.freeze_base:
         for p in model.base_parameters():
             p.requires_grad_(False)
@@ -68,7 +68,8 @@ def model_lr_lambda(cfg: TrainConfig):
 def make_optimizer(model: CodebookModel, cfg: TrainConfig):
     groups = param_groups(model, cfg)
     opt = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
-    lambdas = [lr_lambda(cfg), model_lr_lambda(cfg)][: len(groups)]
+    per_group = {"codebooks": lr_lambda(cfg), "model": model_lr_lambda(cfg)}
+    lambdas = [per_group[g["name"]] for g in groups]
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
 
 

@@ -5,17 +5,21 @@ pipeline (``codebook.ray_glue.train``) runs the same ``train`` with Ray Train's 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from codebook.errors import ConfigError
 from codebook.io import atomic_write
+from codebook.training import metric_names as names
 from codebook.training.config import TrainConfig
 from codebook.training.loop import HF_DIR, LoopData, Workers, train
 
@@ -66,6 +70,44 @@ def fsm_loop_data(cfg: TrainConfig, workers: Workers) -> LoopData:
     )
 
 
+def text_loop_data(cfg: TrainConfig, workers: Workers) -> LoopData:
+    """A text corpus read in this process (``codebook.data.blocks``): training blocks in a
+    seeded random order per epoch (this rank's share of each batch), eval blocks as the Ray
+    pipeline picks them."""
+    import numpy as np
+
+    from codebook.data.blocks import split_blocks
+    from codebook.data.text import load_tokenizer
+
+    m, bs = cfg.model, cfg.optim.batch_size
+    tokenizer = load_tokenizer(m.tokenizer or m.name_or_path,
+                               None if m.tokenizer else m.gguf_file)
+    train_blocks, held = split_blocks(cfg.data, tokenizer)
+    eval_blocks = held[: cfg.data.eval_blocks]
+    need = bs * workers.world_size
+    if len(train_blocks) < need:
+        raise ConfigError("data.paths", f"the corpus gives {len(train_blocks)} training blocks,"
+                          f" fewer than one batch ({need})", "add text or lower the batch size")
+
+    def train_batches(start: int) -> Iterator[dict[str, torch.Tensor]]:
+        per_epoch = len(train_blocks) // need
+        seen = 0
+        for epoch in itertools.count():
+            order = np.random.default_rng([cfg.run.seed, epoch]).permutation(len(train_blocks))
+            for b in range(per_epoch):
+                seen += 1
+                if seen > start:
+                    rows = order[b * need + workers.rank * bs: b * need + (workers.rank + 1) * bs]
+                    yield {"input_ids": torch.from_numpy(train_blocks[np.sort(rows)]).long()}
+
+    def eval_batches() -> Iterator[dict[str, torch.Tensor]]:
+        mine = eval_blocks[workers.rank:: workers.world_size]
+        for i in range(0, len(mine), bs):
+            yield {"input_ids": torch.from_numpy(mine[i: i + bs]).long()}
+
+    return LoopData(train=train_batches, eval=eval_batches)
+
+
 def single_process_group_env() -> None:
     """Environment for a one-rank process group (DeepSpeed initialises one even alone)."""
     if "MASTER_PORT" not in os.environ:
@@ -79,9 +121,10 @@ def single_process_group_env() -> None:
 
 def train_local(cfg: TrainConfig, data: LoopData | None = None,
                 device: torch.device | str | None = None,
-                reporter: FolderReporter | None = None) -> dict[str, Any]:
-    """Train ``cfg`` here, in one process, into ``cfg.run_dir``; returns the loop's summary plus
-    ``checkpoint``, ``model`` (the last checkpoint's HF folder) and ``wall_s``."""
+                reporter: FolderReporter | None = None, resume: bool = False) -> dict[str, Any]:
+    """Train ``cfg`` here, in one process, into ``cfg.run_dir`` (with ``resume``, on from its
+    newest intact checkpoint); returns the loop's summary plus ``checkpoint``, ``model`` (the
+    last checkpoint's HF folder) and ``wall_s``."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         if device.index is None:
@@ -91,14 +134,21 @@ def train_local(cfg: TrainConfig, data: LoopData | None = None,
         single_process_group_env()
     workers = Workers(0, 1, device)
     if data is None:
-        if cfg.data.source != "fsm":
-            raise ValueError("train_local reads the FSM source itself; pass data= for others")
-        data = fsm_loop_data(cfg, workers)
+        data = (fsm_loop_data if cfg.data.source == "fsm" else text_loop_data)(cfg, workers)
     reporter = reporter or FolderReporter(cfg.run_dir)
+    resume_dir = None
+    if resume:
+        from codebook.checkpoint import latest_intact_checkpoint
+
+        resume_dir, _ = latest_intact_checkpoint(cfg.run_dir)
+        if resume_dir is None:
+            raise ConfigError("resume", f"no intact checkpoint under {cfg.run_dir}",
+                              "train without resume")
     started = time.perf_counter()
-    summary = train(cfg, data, reporter, workers)
+    summary = train(cfg, data, reporter, workers, resume_dir)
     last = reporter.checkpoints[-1] if reporter.checkpoints else None
-    summary.update({"checkpoint": str(last) if last else None,
+    summary.update({"dead_code_fraction": summary["metrics"].get(names.DEAD_CODE_FRACTION),
+                    "checkpoint": str(last) if last else None,
                     "model": str(last / HF_DIR) if last else None,
                     "wall_s": round(time.perf_counter() - started, 1)})
     with atomic_write(cfg.run_dir / "summary.json") as fh:

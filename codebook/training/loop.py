@@ -123,7 +123,8 @@ def train(cfg: TrainConfig, data: LoopData, reporter: Reporter, workers: Workers
         # Randomness (dead-code seeds, sampled recent inputs, dropout) depends on the step and
         # rank alone, so a resumed run draws what an uninterrupted one would.
         torch.manual_seed(cfg.run.seed * 1_000_003 + state.step * 1009 + workers.rank)
-        if state.step == settings.start_step and settings.kmeans_init_batches:
+        if (state.step == settings.start_step and settings.kmeans_init_batches
+                and model.codebooks):
             init = [next(batches) for _ in range(settings.kmeans_init_batches)]
             state.micro_batches += len(init)
             seconds = kmeans_init(model, init, engine, cfg, workers)
@@ -163,7 +164,7 @@ def train(cfg: TrainConfig, data: LoopData, reporter: Reporter, workers: Workers
             metrics = {names.TRAIN_LOSS: losses[0], names.TRAIN_LM_LOSS: losses[1],
                        names.TRAIN_RECON_LOSS: losses[2],
                        names.TOKENS_PER_S: window_tokens / elapsed,
-                       "lr": engine.optimizer.param_groups[0]["lr"],  # the codebooks'
+                       "lr": engine.optimizer.param_groups[0]["lr"],  # codebooks' (if any)
                        "k": float(model.codebook_config.k_at(state.step))}
             metrics.update({f"lr/{g.get('name', i)}": g["lr"]
                             for i, g in enumerate(engine.optimizer.param_groups)})
