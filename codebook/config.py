@@ -113,8 +113,9 @@ class CodebookConfig:
     # k-means initialisation from this many batches of real activations (0 disables).
     kmeans_init_batches: int = 0
     kmeans_iters: int = 10
-    # (token, group) rows scored at once; bounds the score matrix to this many x num_codes.
-    score_chunk_tokens: int = 4096
+    # (token, group) rows scored at once by the PyTorch path; bounds the score matrix to this
+    # many x num_codes. None: chosen per device by measurement (codebook.layer.CHUNK_BYTES).
+    score_chunk_tokens: int | None = None
     init_std: float = 1.0
 
     def __post_init__(self) -> None:
@@ -204,7 +205,8 @@ class CodebookConfig:
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ConfigError(f"{p}.{name}", f"got {v!r}", "use an integer >= 0 (0 disables)")
         _positive_int(f"{p}.kmeans_iters", self.kmeans_iters)
-        _positive_int(f"{p}.score_chunk_tokens", self.score_chunk_tokens)
+        if self.score_chunk_tokens is not None:
+            _positive_int(f"{p}.score_chunk_tokens", self.score_chunk_tokens)
 
     def k_at(self, step: int) -> int:
         """k in force at optimizer step ``step`` under the linear k schedule."""

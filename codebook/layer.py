@@ -7,19 +7,28 @@ tokens, so the (tokens x num_codes) score matrix is never kept for backward; onl
 indices are. Gradients: straight-through to the input, and to the codes through the task loss
 and the reconstruction loss ``mean_tokens(sum_d (out - sg[in])^2)``.
 
+Selection: on a GPU with Triton installed, a fused kernel scores and keeps each row's top-k on
+chip (``codebook.kernels.fused_topk``, k <= 64); otherwise, and always on the CPU, PyTorch
+scores chunks of rows into one reused buffer sized per device (``CHUNK_BYTES``) and selects in
+two cheap passes (:func:`topk_indices`). Both give the indices of ``torch.topk`` over the fp32
+scores, up to ties. Cosine ranks by ``x . c/|c|``: dividing by ``|x|`` changes no row's order.
+
 Precision: scoring, k-means and the loss terms run in fp32 whatever the compute dtype (in bf16,
 euclidean's ``2x.c - |c|^2`` cancels badly and near-ties are decided by rounding), and the
 statistics buffers stay fp32 under any ``.to(dtype)`` cast (in bf16 a count stops at 256).
 Under activation checkpointing the recomputed forward (run inside backward) updates no
-statistics, so each token is counted once.
+statistics, so each token is counted once, and with :func:`reuse_selections` as the
+checkpoint's ``context_fn`` it reuses the codes the forward pass chose instead of scoring again.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +55,18 @@ class LayerLosses:
     commit: torch.Tensor
 
 
+# The fp32 scores of one chunk of rows, by device, when ``score_chunk_tokens`` is None (measured:
+# benchmarks/results/speed_cpu.md, benchmarks/results/gpu.md). CPU: a chunk that stays in the
+# last-level cache, in one buffer per call (a fresh score-sized tensor per chunk pays page faults
+# on every call). CUDA, PyTorch path: large chunks (65,536 rows of 10,000 codes were faster than
+# 4,096 on an H200); the fused kernel writes no scores and needs no chunks.
+CHUNK_BYTES = {"cpu": 8 * 2**20, "cuda": 65536 * 10000 * 4}
+SelectBackend = Literal["auto", "torch", "triton"]
+# The selection of layers built without ``select_backend`` (benchmarks set "torch" to measure
+# the PyTorch path on a GPU).
+DEFAULT_SELECT_BACKEND: SelectBackend = "auto"
+
+
 class CodebookLayer(nn.Module):
     """``groups`` codebooks of ``num_codes`` codes over an activation of width ``dim``."""
 
@@ -58,9 +79,10 @@ class CodebookLayer(nn.Module):
         score: Score = "cosine",
         combine: Combine = "sum",
         layer_norm: bool = False,
-        score_chunk_tokens: int = 4096,
+        score_chunk_tokens: int | None = None,
         init_std: float = 1.0,
         recent_inputs: int = 0,
+        select_backend: SelectBackend | None = None,
     ):
         super().__init__()
         if dim % groups:
@@ -73,7 +95,17 @@ class CodebookLayer(nn.Module):
         self.dim, self.groups, self.group_dim = dim, groups, dim // groups
         self.num_codes, self.k = num_codes, k
         self.score, self.combine, self.layer_norm = score, combine, layer_norm
+        select_backend = select_backend or DEFAULT_SELECT_BACKEND
+        if select_backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"select_backend={select_backend!r}: use 'auto', 'torch' or 'triton'")
+        # (token, group) rows scored at once by the PyTorch path; None: by device (CHUNK_BYTES)
         self.score_chunk_tokens = score_chunk_tokens
+        # 'auto': the fused Triton kernel on CUDA when Triton is installed and k <= its limit,
+        # else PyTorch; 'triton' forces the kernel (on CPU tensors only under TRITON_INTERPRET=1)
+        self.select_backend: SelectBackend = select_backend
+        # False: the commitment term is a detached copy of the reconstruction term (the same
+        # value) and builds no graph; CodebookModel sets it from commit_weight on every forward.
+        self.commit_grad = True
         self.codes = nn.Parameter(torch.randn(groups, num_codes, self.group_dim) * init_std)
         # Running statistics, on the device, never synced per forward (see ``metrics``).
         self.register_buffer("code_counts", torch.zeros(groups, num_codes), persistent=False)
@@ -109,25 +141,113 @@ class CodebookLayer(nn.Module):
         return self
 
     # ------------------------------------------------------------------ scoring
-    def _score_operands(self, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """What scoring needs from the codes, computed once per call rather than per chunk:
-        the (groups, group_dim, num_codes) right-hand side and, for euclidean, the
-        (groups, 1, num_codes) squared norms to subtract."""
-        if self.score == "euclidean":
-            return codes.transpose(1, 2), (codes * codes).sum(-1).unsqueeze(1)
-        if self.score == "inner":
-            return codes.transpose(1, 2), None
-        return F.normalize(codes, dim=-1).transpose(1, 2), None
-
-    def _scores(self, x: torch.Tensor, rhs: torch.Tensor,
-                sq_norms: torch.Tensor | None) -> torch.Tensor:
-        """Scores (groups, n, num_codes) for x (n, groups, group_dim); see ``_score_operands``."""
-        xg = x.transpose(0, 1)
-        if self.score == "euclidean":
-            return (2 * xg @ rhs).sub_(sq_norms)  # in place: one score-sized buffer, not two
+    def _score_operands(self, codes: torch.Tensor, width: int
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What scoring needs from the fp32 codes, once per call rather than per chunk: the
+        (groups, group_dim, width) right-hand side, zero past ``num_codes``, and for euclidean
+        the (groups, 1, width) bias ``-|c|^2`` (-inf past ``num_codes``). Rows are ranked by
+        ``x . rhs`` (inner; cosine, whose rhs is ``c/|c|``: ``|x|`` changes no row's order) or
+        by ``x . rhs + bias`` with rhs ``2c`` (euclidean: the order of ``-|x - c|^2``)."""
         if self.score == "cosine":
-            xg = F.normalize(xg, dim=-1)
-        return xg @ rhs
+            codes = F.normalize(codes, dim=-1)
+        bias = -(codes * codes).sum(-1) if self.score == "euclidean" else None
+        if bias is not None:
+            codes = 2 * codes  # exact: the same scores as 2 (x . c)
+        pad = width - self.num_codes
+        rhs = F.pad(codes, (0, 0, 0, pad)).transpose(1, 2) if pad else codes.transpose(1, 2)
+        if bias is None:
+            return rhs, None
+        if pad:
+            bias = F.pad(bias, (0, pad), value=float("-inf"))
+        return rhs, bias.unsqueeze(1)
+
+    def chunk_rows(self, device: torch.device, width: int | None = None) -> int:
+        """(token, group) rows scored at once: ``score_chunk_tokens``, or by device,
+        ``CHUNK_BYTES`` of fp32 scores of ``width`` (default ``num_codes``) codes. The CPU
+        scores one group at a time (each group's matrix product then has that many rows); other
+        devices score all groups of ``rows // groups`` tokens at once."""
+        rows = self.score_chunk_tokens
+        if rows is None:
+            budget = CHUNK_BYTES.get(device.type, CHUNK_BYTES["cuda"])
+            rows = budget // (4 * (width or self.num_codes))
+        return max(1, rows)
+
+    def _fused_applies(self, x: torch.Tensor, k: int) -> bool:
+        """Whether :meth:`select` runs the fused Triton kernel."""
+        if self.select_backend == "torch":
+            return False
+        from codebook.kernels import FUSED_TOPK_MAX_K, triton_available
+
+        if self.select_backend == "triton" and not triton_available():
+            raise RuntimeError("select_backend='triton' needs Triton: pip install "
+                               "'codebook[kernels]' (or use 'auto')")
+        return (k <= FUSED_TOPK_MAX_K
+                and (self.select_backend == "triton" or (x.is_cuda and triton_available())))
+
+    @torch.no_grad()
+    def select(self, x: torch.Tensor, k: int | None = None,
+               disabled: torch.Tensor | None = None) -> torch.Tensor:
+        """Top-k code ids (n, groups, k) for x (n, groups, group_dim), best first: the fused
+        kernel where it applies (see ``select_backend``), else PyTorch in chunks of rows."""
+        k = self.k if k is None else k
+        if disabled is not None and int((~disabled).sum(-1).min()) < k:
+            # fewer than k codes left to choose from: torch.topk's choice among barred codes
+            return self._select_torch(x, k, disabled, blocks=False)
+        if self._fused_applies(x, k):
+            from codebook.kernels.fused_topk import fused_topk
+
+            return fused_topk(x, self.codes.detach(), k, self.score, disabled)[0]
+        return self._select_torch(x, k, disabled)
+
+    def _select_torch(self, x: torch.Tensor, k: int, disabled: torch.Tensor | None,
+                      blocks: bool = True, per_group: bool | None = None) -> torch.Tensor:
+        """The PyTorch path: each chunk of rows scored into one reused buffer (``addmm`` /
+        ``mm`` with ``out=``, one group at a time; ``per_group=False``, the default off the
+        CPU: ``baddbmm`` / ``bmm`` over all groups), then :func:`topk_indices` on it."""
+        x = x.float()
+        n, g, _ = x.shape
+        block = _block_size(self.num_codes, k) if blocks else None
+        width = self.num_codes if block is None else -(-self.num_codes // block) * block
+        rhs, bias = self._score_operands(self.codes.detach().float(), width)
+        mask = None
+        if disabled is not None:
+            mask = F.pad(disabled, (0, width - self.num_codes), value=True).unsqueeze(1)
+        fill_pad = mask is None and bias is None and width > self.num_codes
+        rows = self.chunk_rows(x.device, width)
+        out = torch.empty(n, g, k, dtype=torch.long, device=x.device)
+        if per_group is None:
+            per_group = x.device.type == "cpu"
+        if per_group:  # one group at a time: in-cache chunks, full-height products
+            buf = torch.empty(min(rows, n) * width, device=x.device)
+            for j in range(g):
+                for start in range(0, n, rows):
+                    xc = x[start:start + rows, j]  # (m, group_dim), a view
+                    s = buf[: xc.shape[0] * width].view(xc.shape[0], width)
+                    if bias is None:
+                        torch.mm(xc, rhs[j], out=s)
+                    else:
+                        torch.addmm(bias[j], xc, rhs[j], out=s)
+                    if mask is not None:
+                        s.masked_fill_(mask[j], float("-inf"))
+                    elif fill_pad:
+                        s[:, self.num_codes:] = float("-inf")
+                    out[start:start + rows, j] = topk_indices(s, k, block)
+            return out
+        tokens = max(1, rows // g)
+        buf = torch.empty(g * min(tokens, n) * width, device=x.device)
+        for start in range(0, n, tokens):
+            xg = x[start:start + tokens].transpose(0, 1)  # (groups, m, group_dim), a view
+            s = buf[: g * xg.shape[1] * width].view(g, xg.shape[1], width)
+            if bias is None:
+                torch.bmm(xg, rhs, out=s)
+            else:
+                torch.baddbmm(bias, xg, rhs, out=s)
+            if mask is not None:
+                s.masked_fill_(mask, float("-inf"))
+            elif fill_pad:
+                s[..., self.num_codes:] = float("-inf")
+            out[start:start + tokens] = topk_indices(s, k, block).transpose(0, 1)
+        return out
 
     @torch.no_grad()
     def code_scores(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -143,24 +263,6 @@ class CodebookLayer(nn.Module):
         if self.score == "inner":
             return (x * c).sum(-1)
         return F.cosine_similarity(x, c, dim=-1)
-
-    @torch.no_grad()
-    def select(self, x: torch.Tensor, k: int | None = None,
-               disabled: torch.Tensor | None = None) -> torch.Tensor:
-        """Top-k code ids (n, groups, k) for x (n, groups, group_dim), scored in token chunks."""
-        k = self.k if k is None else k
-        x = x.float()
-        rhs, sq_norms = self._score_operands(self.codes.detach().float())
-        mask = None if disabled is None else disabled.unsqueeze(1)
-        out = []
-        # a chunk holds score_chunk_tokens (token, group) rows of num_codes scores
-        for chunk in x.split(max(1, self.score_chunk_tokens // self.groups)):
-            s = self._scores(chunk, rhs, sq_norms)
-            if mask is not None:
-                s.masked_fill_(mask, float("-inf"))
-            ids = topk_indices(s, k)
-            out.append(ids.transpose(0, 1))
-        return torch.cat(out) if len(out) > 1 else out[0]
 
     def lookup(self, idx: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """Combine codes: (n, groups, m) ids (+ optional 0/1 weights) -> (n, groups, group_dim)."""
@@ -188,18 +290,24 @@ class CodebookLayer(nn.Module):
         x = x.reshape(-1, self.groups, self.group_dim)
         if self.layer_norm:
             x = F.layer_norm(x, (self.group_dim,))
-        disabled = self._disabled_mask()
-        idx = self.select(x, disabled=disabled)
-        weight = None
-        if self.editors:
-            idx, weight = self._apply_editors(idx, lead, positions)
+        replayed = _replayed_selection(self, x.shape[0]) if _in_backward() else None
+        if replayed is not None:  # checkpoint recompute: the forward pass's codes
+            idx, weight = replayed
+        else:
+            idx = self.select(x, disabled=self._disabled_mask())
+            weight = None
+            if self.editors:
+                idx, weight = self._apply_editors(idx, lead, positions)
+            _record_selection(self, idx, weight)
         out = self.lookup(idx, weight).to(x.dtype)
         out32, x32 = out.float(), x.float()
         err = (out32 - x32.detach()).pow(2).sum(dim=(-1, -2))
-        self.last_losses = LayerLosses(
-            recon=err.mean(),
-            commit=(x32 - out32.detach()).pow(2).sum(dim=(-1, -2)).mean(),
-        )
+        recon = err.mean()
+        if self.commit_grad:
+            commit = (x32 - out32.detach()).pow(2).sum(dim=(-1, -2)).mean()
+        else:  # the same value ((a - b)^2 = (b - a)^2 exactly), no graph
+            commit = recon.detach()
+        self.last_losses = LayerLosses(recon=recon, commit=commit)
         if (self.training or self.track_stats) and not _in_backward():
             self._update_stats(x32, out32, idx, weight, err)
         if self.recording and not _in_backward():
@@ -330,7 +438,7 @@ class CodebookLayer(nn.Module):
             assign = torch.cat([
                 (2 * c.transpose(0, 1) @ centroids.transpose(1, 2)
                  - centroids.pow(2).sum(-1).unsqueeze(1)).argmax(-1)
-                for c in x.split(max(1, self.score_chunk_tokens // self.groups))
+                for c in x.split(max(1, self.chunk_rows(x.device) // self.groups))
             ], dim=1)  # (groups, n)
             sums = torch.zeros_like(centroids).scatter_add_(
                 1, assign.unsqueeze(-1).expand(-1, -1, self.group_dim), xg)
@@ -349,33 +457,126 @@ class CodebookLayer(nn.Module):
 
 
 def _block_size(n: int, k: int) -> int | None:
-    """A divisor of ``n`` near 128 for :func:`topk_indices`, or None where blocks do not pay."""
-    if n < 2048 or k > 32:
+    """Codes per block for :func:`topk_indices` over ``n`` codes, or None where blocks do not
+    pay (large k, few codes). A multiple of the SIMD width: the block maxima are one
+    vectorised pass (blocks of 100 or 125 codes ran 2-4x slower than 128 on CPU)."""
+    if k > 32:
         return None
-    divisors = [b for b in range(32, 513) if n % b == 0 and n // b >= 4 * k]
-    return min(divisors, key=lambda b: abs(b - 128)) if divisors else None
+    for block in (128, 64):
+        if -(-n // block) >= max(8, 4 * k):
+            return block
+    return None
 
 
-def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+def topk_indices(scores: torch.Tensor, k: int, block: int | None = None) -> torch.Tensor:
     """Indices of the ``k`` largest scores along the last dim, largest first; as
-    ``scores.topk(k).indices`` for distinct scores, but in two cheap passes for large dims.
+    ``scores.topk(k).indices`` (up to ties), in two cheap passes for large dims.
 
-    The last dim is cut into equal blocks; the k blocks with the largest maxima hold every
-    top-k score (a block holding one has a maximum >= the k-th largest score, and fewer than
-    k blocks can beat it), so the top-k of those ``k * block`` candidates is exact. One
-    max-reduction over the scores plus small top-ks replaces a radix select over every row,
-    which is what makes ``torch.topk`` the bottleneck at 10,000 codes on a GPU.
+    The last dim is cut into blocks of ``block`` (default :func:`_block_size`; a last dim that
+    is not a multiple is padded with -inf, which a caller avoids by scoring into a padded
+    buffer); the k blocks with the largest maxima hold every top-k score (a block holding one
+    has a maximum >= the k-th largest score, and fewer than k blocks can beat it), so the top-k
+    of those ``k * block`` candidates is exact. One vectorised max over the scores plus small
+    selections replaces a selection over every score: on CPU ``torch.topk`` and ``argmax`` are
+    several times slower than ``amax``, and on a GPU ``torch.topk`` over 10,000 codes was the
+    layer's bottleneck. For k = 1 the two passes are argmaxes.
     """
-    if k == 1:
-        return scores.argmax(-1, keepdim=True)
-    block = _block_size(scores.shape[-1], k)
+    n = scores.shape[-1]
     if block is None:
+        block = _block_size(n, k)
+    if block is None:
+        if k == 1:
+            return scores.argmax(-1, keepdim=True)
         return scores.topk(k, dim=-1).indices
-    blocks = scores.unflatten(-1, (-1, block))  # (..., nblocks, block), a view
-    best = blocks.amax(-1).topk(k, dim=-1).indices  # (..., k) block ids
-    cand = blocks.gather(-2, best.unsqueeze(-1).expand(*best.shape, block))  # (..., k, block)
-    top = cand.flatten(-2).topk(k, dim=-1).indices  # positions among the candidates
-    return best.gather(-1, top // block) * block + top % block
+    if n % block:
+        scores = F.pad(scores, (0, block - n % block), value=float("-inf"))
+    lead = scores.shape[:-1]
+    nblocks = scores.shape[-1] // block
+    rows = scores.reshape(-1, nblocks, block)  # a view of a contiguous score buffer
+    maxima = rows.amax(-1)  # (r, nblocks)
+    r = rows.shape[0]
+    first = torch.arange(r, device=scores.device).unsqueeze(-1) * nblocks
+    if k == 1:
+        best = maxima.argmax(-1, keepdim=True)  # (r, 1)
+        cand = rows.reshape(r * nblocks, block).index_select(0, (first + best).view(-1))
+        return (best * block + cand.argmax(-1, keepdim=True)).view(*lead, 1)
+    best = maxima.topk(k, dim=-1, sorted=False).indices  # (r, k) block ids
+    cand = rows.reshape(r * nblocks, block).index_select(0, (first + best).view(-1))
+    top = cand.view(r, k * block).topk(k, dim=-1).indices  # positions among the candidates
+    ids = best.gather(-1, top // block) * block + top % block
+    return ids.view(*lead, k)
+
+
+# ---------------------------------------------------------------------- checkpoint replay
+class SelectionTape:
+    """The codes chosen in one activation-checkpointed region: recorded in order by its
+    forward pass, handed back in the same order to its recomputation inside backward."""
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[CodebookLayer, int, torch.Tensor, torch.Tensor | None]] = []
+        self.cursor = 0
+        self.broken = False
+
+
+_tapes = threading.local()  # .stack: [(mode, tape)], innermost last; per thread (autograd
+# runs a CUDA backward, and so the recompute, on its own thread)
+
+
+def _tape_stack() -> list[tuple[str, SelectionTape]]:
+    if not hasattr(_tapes, "stack"):
+        _tapes.stack = []
+    return _tapes.stack
+
+
+class _TapeMode:
+    """Puts ``tape`` on this thread's stack in ``mode`` while entered; re-entrant, since a
+    checkpoint enters its recompute context once per recomputation (retain_graph)."""
+
+    def __init__(self, tape: SelectionTape, mode: str) -> None:
+        self.tape, self.mode = tape, mode
+
+    def __enter__(self) -> None:
+        if self.mode == "replay":
+            self.tape.cursor = 0
+        _tape_stack().append((self.mode, self.tape))
+
+    def __exit__(self, *exc: object) -> None:
+        _tape_stack().pop()
+
+
+def reuse_selections() -> tuple[AbstractContextManager, AbstractContextManager]:
+    """``context_fn`` for ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)`` (and
+    so for HF's ``gradient_checkpointing_kwargs``): the recomputation inside backward reuses the
+    codes every codebook layer chose in the forward pass instead of scoring again. Without it
+    the recompute selects again (the same codes, at the cost of a second scoring)."""
+    tape = SelectionTape()
+    return _TapeMode(tape, "record"), _TapeMode(tape, "replay")
+
+
+def _record_selection(layer: CodebookLayer, idx: torch.Tensor,
+                      weight: torch.Tensor | None) -> None:
+    stack = _tape_stack()
+    if stack and stack[-1][0] == "record" and not _in_backward():
+        stack[-1][1].entries.append((layer, idx.shape[0], idx, weight))
+
+
+def _replayed_selection(layer: CodebookLayer, rows: int
+                        ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """The next recorded selection if this call is a recompute under a replaying tape and the
+    entry is this layer's for as many rows; else None (and the tape is not trusted again)."""
+    stack = _tape_stack()
+    if not stack or stack[-1][0] != "replay":
+        return None
+    tape = stack[-1][1]
+    if tape.broken or tape.cursor >= len(tape.entries):
+        tape.broken = True
+        return None
+    owner, n, idx, weight = tape.entries[tape.cursor]
+    if owner is not layer or n != rows:
+        tape.broken = True
+        return None
+    tape.cursor += 1
+    return idx, weight
 
 
 def _in_backward() -> bool:

@@ -119,6 +119,7 @@ class CodebookModel(nn.Module):
         """Run the LM; ``loss`` = lm_loss + recon_weight * recon + commit_weight * commit."""
         for layer in self.codebooks.values():
             layer.last_losses = None
+            layer.commit_grad = bool(self.codebook_config.commit_weight)  # 0: no graph for it
         out = self.model(input_ids=input_ids, labels=labels, **kwargs)
         terms = [layer.last_losses for layer in self.codebooks.values()
                  if layer.last_losses is not None]

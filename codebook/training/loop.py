@@ -23,6 +23,7 @@ from tqdm import tqdm
 from codebook.checkpoint import HF_DIR, STATE_FILE
 from codebook.errors import TrainingDiverged
 from codebook.io import atomic_write
+from codebook.layer import reuse_selections
 from codebook.model import CodebookModel
 from codebook.training import metric_names as names
 from codebook.training.config import TrainConfig
@@ -87,9 +88,11 @@ def build_model(cfg: TrainConfig) -> CodebookModel:
         model = CodebookModel.from_pretrained(m.name_or_path, cfg.codebook, **kwargs)
     if m.gradient_checkpointing:
         # Non-reentrant: the reentrant variant runs the block under no_grad, so the codebook
-        # loss terms built inside it would carry no gradient.
+        # loss terms built inside it would carry no gradient. The recompute inside backward
+        # reuses the codes chosen in the forward pass (reuse_selections) instead of scoring again.
         model.model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False})
+            gradient_checkpointing_kwargs={"use_reentrant": False,
+                                           "context_fn": reuse_selections})
     return model
 
 
