@@ -120,8 +120,10 @@ class _DisableEditor(_Editor):
 
 
 class _PatchEditor(_Editor):
-    def __init__(self, source: torch.Tensor, positions: torch.Tensor | None):
+    def __init__(self, source: torch.Tensor, positions: torch.Tensor | None,
+                 values: torch.Tensor | None = None):
         self.source, self.positions = source, positions  # (b or 1, t_src, g, n)
+        self.values = values  # as source: the recorded magnitudes (layers that have them)
 
     def edit(self, idx, weight, positions):
         b, t, g, _ = idx.shape
@@ -204,16 +206,27 @@ def disable_codes(model: CodebookModel, site: str, codes: Sequence[int],
 
 @contextmanager
 def patch_codes(model: CodebookModel, site: str, source: CodeRecord | torch.Tensor,
-                positions: Sequence[int] | None = None) -> Iterator[None]:
-    """Replace all codes at ``site`` by those recorded on another input (same positions)."""
+                positions: Sequence[int] | None = None,
+                values: torch.Tensor | None = None) -> Iterator[None]:
+    """Replace all codes at ``site`` by those recorded on another input (same positions).
+
+    ``values`` (shaped as the codes; a ``CodeRecord``'s scores by default) are the recorded
+    magnitudes: a layer whose features carry one (an SAE's latents,
+    ``codebook.compare.sparse_coder``) takes them as they were; a codebook's codes have none
+    (each enters the sum once) and ignore them."""
     layer = _layer(model, site)
     codes = source.codes[site] if isinstance(source, CodeRecord) else source
+    if values is None and isinstance(source, CodeRecord):
+        values = source.scores.get(site)
     if codes.dim() != 4 or codes.shape[2] != layer.groups:
         raise ConfigError(
             "source", f"expected recorded codes (batch, seq, {layer.groups}, n) for {site}, "
             f"got shape {tuple(codes.shape)}", "pass read_codes(...) of the same model")
+    if values is not None and values.shape != codes.shape:
+        raise ConfigError("values", f"shape {tuple(values.shape)} differs from the codes' "
+                          f"{tuple(codes.shape)}", "pass the scores recorded with the codes")
     _check_codes(site, layer, codes[codes >= 0].unique().tolist())
-    with _attached(layer, _PatchEditor(codes, _as_positions(positions))):
+    with _attached(layer, _PatchEditor(codes, _as_positions(positions), values)):
         yield
 
 

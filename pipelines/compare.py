@@ -3,9 +3,10 @@
     python pipelines/compare.py --config configs/compare/fsm.yaml --quick   # minutes
     python pipelines/compare.py --config configs/compare/fsm.yaml           # the full default
 
-Methods (``codebook.compare.methods``): the end-to-end ``codebook`` model (given, or trained by
-the one training loop), ``posthoc_codebook`` and sparsify ``sae`` / ``sae_4x`` fitted to the
-frozen base model's cached activations (collected by Ray Data actors), and the ``neuron``
+Methods (``codebook.compare.methods``): the end-to-end ``codebook`` models (given, or trained
+by the one training loop from the base, beside the plain-finetune control), ``posthoc_codebook``
+and sparsify ``sae`` fitted to the frozen base model's cached activations (collected by Ray
+Data actors) to the same token budget, each at every L0 multiple and seed, and the ``neuron``
 baseline; all scored by one code (``codebook.compare.score``) under the held-out protocol.
 Writes ``table.md``, ``table.json``, per-method reports and the SAEs (sparsify's format) to the
 output folder, logs a parent MLflow run with a child per method, and prints the JSON summary
@@ -31,9 +32,12 @@ QUICK = {  # the comparison in a few minutes on 2 cores: pipelines/fsm.py's quic
               "codebook.start_step=150", "run.max_steps=250", "run.eval_every=250",
               "run.checkpoint_every=150", "run.log_every=50", "data.eval_blocks=128",
               "deepspeed.enabled=false"],
-    "compare": ["sae.steps=150", "posthoc.steps=150", "sae.batch_tokens=512",
-                "posthoc.batch_tokens=512", "cache.sequences=256", "cache.rows_per_shard=128",
-                "analysis.eval_sequences=128", "analysis.max_pairs=40"],
+    "compare": [*(f"{m}.{k}" for m in ("sae", "posthoc") for k in (
+                    "token_budget=24576", "batch_tokens=2048", "micro_batch_tokens=1024",
+                    "eval_every_tokens=8192", "val_tokens=2048")),
+                "sparsity=[1, 2]", "seeds=[0, 1]", "cache.sequences=256",
+                "cache.rows_per_shard=32", "analysis.eval_sequences=128",
+                "analysis.max_pairs=40"],
 }
 
 

@@ -12,35 +12,55 @@ import torch
 from conftest import tiny_model
 from train_helpers import REPO
 
-from codebook import CodebookConfig, CodebookModel, recording, swap_codes
+from codebook import CodebookConfig, CodebookModel, patch_codes, recording, swap_codes
 from codebook.compare.cache import ActivationCache, collect_activations, write_meta, write_shard
 from codebook.compare.sparse_coder import SparseCoderLayer, new_sparse_coder, train_sparse_coder
 from codebook.errors import ConfigError
 
-METHODS = ("codebook", "posthoc_codebook", "sae", "sae_4x", "neuron")
+METHODS = ("codebook", "posthoc_codebook", "sae", "neuron")
 ROW_KEYS = ("l0", "fve", "dead_fraction", "ce_loss_recovered", "kl", "ce_loss_recovered_all",
             "kl_all", "state_precision_test", "state_precision_selection",
-            "state_precision_null", "swap_success", "swap_jsd", "features_changed",
-            "features_active", "random_success", "full_swap_success")
+            "state_precision_null", "swap_success", "swap_jsd", "swap_jsd_shift",
+            "features_changed", "features_active", "random_success", "full_swap_success",
+            "full_swap_jsd_shift", "ce_gap_control")
 
 
-def _coder(dim=16, latents=64, k=4):
+def _cache(root, data, shards=8, site="s"):
+    """An activation cache of ``data`` (n, dim) in ``shards`` shards."""
+    for i, part in enumerate(data.chunk(shards)):
+        write_shard(root, i, {site: part.contiguous()}, torch.zeros(1, 2))
+    write_meta(root, {site: data.shape[1]}, shards, data.shape[0])
+    return ActivationCache.open(root)
+
+
+def _opts(**kw):
+    from codebook.compare.fitting import FitOptions
+
+    base = dict(token_budget=8192, batch_tokens=512, micro_batch_tokens=256,
+                eval_every_tokens=2048, val_tokens=512, plateau=False, val_fraction=0.125)
+    return FitOptions(**{**base, **kw})
+
+
+def _coder(tmp_path, dim=16, latents=64, k=4):
     coder = new_sparse_coder(dim, latents, k, seed=0)
     torch.manual_seed(1)
-    data = torch.randn(512, dim)
-    train_sparse_coder(coder, lambda: data.split(128), steps=20)
+    data = torch.randn(4096, dim)
+    cache = _cache(tmp_path / "cache", data)
+    train, val = cache.split(0.125)
+    train_sparse_coder(coder, cache, "s", _opts(token_budget=4096), train, val)
     return coder, data
 
 
-def test_sparse_coder_layer_is_the_library_sae():
-    coder, data = _coder()
+def test_sparse_coder_layer_is_the_library_sae(tmp_path):
+    coder, data = _coder(tmp_path)
     layer = SparseCoderLayer(coder).eval()
     with torch.no_grad():
         expected = coder(data).sae_out
     out = layer(data)
     assert torch.allclose(out, expected, atol=1e-5)
     ids, acts = layer.encode(data)
-    assert ids.shape == (512, 4) and ((ids >= 0) == (acts > 0)).all()
+    assert ids.shape == (4096, 4) and ((ids >= 0) == (acts > 0)).all()
+    assert (acts[:, :-1] >= acts[:, 1:]).all()  # sorted: a forced latent takes the weakest
 
 
 def test_sae_swap_sets_the_new_latent_at_its_mean_value_and_counts_changes():
@@ -76,6 +96,191 @@ def test_sae_swap_sets_the_new_latent_at_its_mean_value_and_counts_changes():
         slot = int((lat[row] == old[r]).nonzero())
         lat[row, slot], val[row, slot] = new[r], sae.mean_act[new[r]]
     assert torch.allclose(seen["out"].reshape(-1, 32), sae.decode(lat, val), atol=1e-5)
+
+
+def test_sae_patch_writes_b_recorded_values():
+    """A full swap into an SAE writes b's latents at b's recorded values (not their means):
+    the site's output at the patched positions is the SAE's reconstruction of b's input."""
+    torch.manual_seed(0)
+    config = CodebookConfig(sites=["mlp"], layers=[0], num_codes=8, k=1)
+    model = CodebookModel(tiny_model("gpt_neox"), config)
+    sae = model.codebooks["mlp_0"] = SparseCoderLayer(new_sparse_coder(32, 64, 4)).eval()
+    sae.mean_act.copy_(torch.linspace(1.0, 2.0, 64))
+    a, b = torch.randint(1, 64, (1, 6)), torch.randint(1, 64, (1, 6))
+    b[0, :2] = a[0, :2]  # the same prefix: position 2 on differs
+    outs = {}
+    hook = sae.register_forward_hook(lambda m, args, out: outs.setdefault(len(outs), out))
+    with recording(model, ["mlp_0"], scores=True) as rec:
+        model(input_ids=b)
+    with patch_codes(model, "mlp_0", rec, positions=[2, 3, 4]):
+        model(input_ids=a)
+    model(input_ids=a)
+    hook.remove()
+    own_b, patched, own_a = outs[0][0], outs[1][0], outs[2][0]
+    # position 2 onwards sees a's earlier tokens: only the site itself is patched, so the
+    # reconstruction there is exactly b's where b's recorded latents and values are written
+    assert torch.allclose(patched[2:5], own_b[2:5], atol=1e-5)
+    assert torch.allclose(patched[:2], own_a[:2], atol=1e-6)
+    assert not torch.allclose(patched[2:5], own_a[2:5], atol=1e-3)
+
+
+def _planted_dead(tmp_path, dim=16, latents=64, k=4):
+    """An SAE whose second half of latents never fires at the start (encoder rows shrunk),
+    its data cache, and those latents' ids."""
+    coder = new_sparse_coder(dim, latents, k, seed=0)
+    torch.manual_seed(2)
+    data = torch.randn(8192, dim)
+    with torch.no_grad():
+        coder.encoder.weight[latents // 2:] *= 0.02
+    cache = _cache(tmp_path / "cache", data)
+    return coder, data, cache, torch.arange(latents // 2, latents)
+
+
+def _firing(coder, data, ids):
+    with torch.no_grad():
+        fired = coder.encode(data).top_indices.unique()
+    return int(torch.isin(ids, fired).sum())
+
+
+def test_dead_latents_revive_on_a_planted_case(tmp_path, monkeypatch):
+    """AuxK revives planted dead latents once its gradient reaches the encoder; through
+    sparsify 1.3.3's fused encoder (which drops that gradient) none comes back."""
+    from codebook.compare.sparse_coder import require_sparsify
+
+    sparsify = require_sparsify()
+
+    opts = _opts(token_budget=32768, dead_tokens=1024, auxk_alpha=1 / 8)
+    coder, data, cache, dead = _planted_dead(tmp_path)
+    assert _firing(coder, data, dead) == 0  # dead at the start
+    train, val = cache.split(0.125)
+    record = train_sparse_coder(coder, cache, "s", opts, train, val)
+    revived = _firing(coder, data, dead)
+    assert revived >= len(dead) // 2, revived
+    assert record.dead_window_tokens == min(record.tokens, 1_000_000)
+
+    fused, data, cache, dead = _planted_dead(tmp_path / "fused")
+    monkeypatch.setattr(type(fused), "encode", sparsify.SparseCoder.encode)  # sparsify's own
+    train_sparse_coder(fused, cache, "s", opts, train, val)
+    assert _firing(fused, data, dead) == 0
+
+
+def test_fit_stops_at_the_budget_or_a_plateau_and_says_so(tmp_path):
+    from codebook.compare.fitting import FiringClock, fit_to_budget
+
+    cache = _cache(tmp_path / "c", torch.randn(4096, 4))
+    train, val = cache.split(0.25)
+    assert len(val) == 2 and not set(train) & set(val)
+    steps = []
+    batches = lambda epoch: cache.batches("s", 512, epoch, train)  # noqa: E731
+    full = fit_to_budget(lambda x: steps.append(x.shape[0]), lambda: 1.0, batches,
+                         _opts(token_budget=5000, plateau=False), FiringClock(4))
+    assert full.tokens == 5120 and not full.stopped_early and set(steps) == {512}
+    assert [t for t, _ in full.curve] == [2048, 4096, 5120]  # and epochs cycle past 3072
+    flat = fit_to_budget(lambda x: None, lambda: 1.0, batches,
+                         _opts(token_budget=1 << 20, plateau=True, patience=2,
+                               eval_every_tokens=1024), FiringClock(4))
+    assert flat.stopped_early and flat.tokens == 3 * 1024 and len(flat.curve) == 3
+
+
+def test_cache_batches_span_shards_from_the_chosen_ones(tmp_path):
+    data = torch.arange(40, dtype=torch.float32).view(40, 1)
+    cache = _cache(tmp_path / "c", data, shards=8)  # 5 tokens a shard
+    got = torch.cat(list(cache.batches("s", 8, seed=3, shards=[0, 2, 4, 6])))
+    allowed = torch.cat([data[i * 5:(i + 1) * 5] for i in (0, 2, 4, 6)])
+    assert got.shape[0] == 16 and set(got.flatten().tolist()) <= set(allowed.flatten().tolist())
+    assert len(set(got.flatten().tolist())) == 16  # no token twice in a pass
+
+
+def _steer_models(vocab: int = 64):
+    """A per-head codebook model (4 heads, k=2) and the same base with an SAE (one group)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from codebook.compare.methods import neuron_model
+
+    def lm():
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(AutoConfig.for_model(
+            "gpt_neox", vocab_size=vocab, hidden_size=32, num_hidden_layers=2,
+            num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)).eval()
+
+    base = lm()
+    config = CodebookConfig(sites=["attn_heads"], layers=[1], num_codes=32, k=2,
+                            score="euclidean")
+    codebook = CodebookModel(lm(), config).eval()
+    sae_model = neuron_model(base, config).model
+    sae = SparseCoderLayer(new_sparse_coder(32, 128, 8)).eval()
+    sae.mean_act.fill_(1.0)
+    sae.max_act.fill_(3.0)
+    sae_model.codebooks["attn_heads_1"] = sae
+    return {"codebook": codebook, "sae": sae_model}
+
+
+def test_steering_gives_every_method_the_same_number_from_the_same_pool(tok_dir, tokenizer):
+    """Per topic, every method steers with ``features`` features taken from a pool of the
+    ``pool`` most enriched ones, whatever its number of codebook groups (4 heads vs 1 SAE)."""
+    from text_helpers import lines
+
+    from codebook.compare.config import SteeringOptions
+    from codebook.compare.steer import choose_features
+    from codebook.steering import count_codes, find_topic_codes
+
+    opts = SteeringOptions(features=3, pool=6)
+    topic = {"topic_texts": [t.upper() + " storm storm" for t in lines(12)],
+             "token_ids": list(range(5, 40))}
+    probe = torch.randint(1, 60, (1, 24))
+    for name, model in _steer_models(len(tokenizer)).items():
+        sites = list(model.codebooks)
+        background = count_codes(model, tokenizer, lines(20), sites)
+        pool = find_topic_codes(model, tokenizer, topic["topic_texts"], background, sites,
+                                top=opts.pool)
+        chosen = choose_features(model, tokenizer, topic, background, sites, probe, opts)
+        assert len(pool) == opts.pool, name
+        assert len(chosen) == opts.features, name
+        assert {c["name"] for c in chosen} <= {c["name"] for c in pool}, name
+        per_group = {}
+        for c in chosen:
+            per_group[c["group"]] = per_group.get(c["group"], 0) + 1
+        assert max(per_group.values()) <= model.codebooks[sites[0]].k, name
+
+
+def test_set_and_add_interventions_reach_their_strengths():
+    """``set`` forces a feature at a multiple of its reference value (an SAE latent: its mean
+    or largest active value; a code: its weight 1), ``add`` adds its unit vector at a norm."""
+    from codebook.compare.steer import Intervention, intervene
+
+    models = _steer_models()
+    ids = torch.randint(1, 60, (1, 5))
+    for name, model in models.items():
+        layer = model.codebooks["attn_heads_1"]
+        outs = []
+        feature = {"site": "attn_heads_1", "group": 0, "code": 7, "name": "f"}
+
+        def run(model=model, layer=layer, outs=outs):  # after the intervention's own hooks
+            hook = layer.register_forward_hook(lambda m, a, out: outs.append((a[0], out)))
+            model(input_ids=ids)
+            hook.remove()
+
+        run()
+        for iv in (Intervention("set", 2.0), Intervention("set", 1.0, "max"),
+                   Intervention("add", 0.5)):
+            with intervene(model, [feature], iv, {"attn_heads_1": 4.0}):
+                run()
+        (x, plain), (_, set2), (_, set_max), (_, add) = outs
+        vec = (layer.codes[0, 7] if name == "sae" else
+               torch.cat([layer.codes[0, 7], torch.zeros(24)]))
+        assert torch.allclose(add - plain, 2.0 * vec / vec.norm(), atol=1e-5)
+        if name == "sae":  # the weakest latent swapped for latent 7 at 2 x mean / the max
+            lat, val = layer.encode(x.reshape(-1, 32))
+            lat[:, -1], val[:, -1] = 7, 2.0
+            assert torch.allclose(set2.reshape(-1, 32), layer.decode(lat, val), atol=1e-5)
+            val[:, -1] = 3.0
+            assert torch.allclose(set_max.reshape(-1, 32), layer.decode(lat, val), atol=1e-5)
+        else:  # the head's weaker code replaced by code 7, counted twice
+            idx = layer.select(x.reshape(-1, 4, 8))
+            idx[:, 0, -1] = 7
+            expected = layer.lookup(idx).reshape(-1, 32)
+            expected[:, :8] += layer.codes[0, 7]
+            assert torch.allclose(set2.reshape(-1, 32), expected, atol=1e-5)
 
 
 def test_collect_activations_stops_after_the_deepest_site():
@@ -118,7 +323,7 @@ def _compare(tmp_path, *extra):
 
 
 def test_bad_input_fails_before_work(tmp_path):
-    done = _compare(tmp_path, "--set", "train_overrides=['codebook.k=64']")
+    done = _compare(tmp_path, "--set", "train_overrides=['codebook.k=100']")
     assert done.returncode != 0 and "larger than the dictionary" in done.stderr
     done = _compare(tmp_path, "--set", f"base_model={tmp_path / 'nothing'}")
     assert done.returncode != 0 and "base_model" in done.stderr and "does not exist" in done.stderr
@@ -138,48 +343,77 @@ def test_bad_input_fails_before_work(tmp_path):
 
 @pytest.mark.slow
 def test_quick_comparison_has_every_method_and_metric(tmp_path):
+    """The quick FSM comparison: the base, its plain-finetune control and the end-to-end
+    codebook models trained by the one loop; every method at each L0 multiple (1 and 2) and
+    the headline at two seeds; the same token budget for every cache-fitted method."""
     done = _compare(tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
-    rows = {r["method"]: r for r in summary["rows"]}
-    assert tuple(rows) == METHODS
-    for method, row in rows.items():
+    rows = summary["rows"]
+    keys = [(r["method"], r["multiple"], r["seed"]) for r in rows]
+    expected = [(m, 1, s) for s in (0, 1) for m in METHODS[:3]]
+    expected += [(f"{m}_2x", 2, 0) for m in METHODS[:3]] + [("neuron", 1, 0)]
+    assert keys == expected
+    by = {(r["method"], r["seed"]): r for r in rows}
+    for (method, _), row in by.items():
         for key in ROW_KEYS:
             assert key in row, (method, key)
             if method != "neuron":
                 assert row[key] is not None, (method, key)
-    for key in ("l0", "fve", "state_precision_test", "first_transition_accuracy"):
-        assert rows["neuron"][key] is not None
-    # the same sparsity: the SAE's L0 is the codebook's (up to latents that end at zero), 4x
-    assert rows["sae"]["l0"] <= rows["codebook"]["l0"] + 1e-6
-    assert rows["sae"]["l0"] > 0.8 * rows["codebook"]["l0"]
-    assert rows["sae_4x"]["l0"] > 3 * rows["sae"]["l0"]
-    assert rows["sae"]["dictionary_size"] == rows["codebook"]["dictionary_size"]
-    for row in rows.values():
-        assert 0 <= row["state_precision_test"] <= 1
+    # the same sparsity: the SAE's L0 is the codebook's (up to latents that end at zero), 2x
+    cb, sae = by[("codebook", 0)], by[("sae", 0)]
+    assert cb["l0"] * 0.8 < sae["l0"] <= cb["l0"] + 1e-6
+    assert by[("sae_2x", 0)]["l0"] > 1.6 * sae["l0"]
+    assert by[("codebook_2x", 0)]["l0"] == pytest.approx(2 * cb["l0"])
+    assert sae["dictionary_size"] == cb["dictionary_size"]
+    # equal budgets: every cache-fitted method trains the same tokens per site
+    budget = 24576 * len(summary["sites"])
+    for m in ("posthoc_codebook", "sae", "posthoc_codebook_2x", "sae_2x"):
+        assert by[(m, 0)]["train_tokens"] == budget, m
+        assert by[(m, 0)]["train_seconds"] > 0 and by[(m, 0)]["dead_fraction_train"] >= 0
+        curve = next(iter(by[(m, 0)]["fits"].values()))["curve"]
+        assert [t for t, _ in curve] == [8192, 16384, 24576]
+    assert cb["train_tokens"] == 100 * 32 * 49  # the codebook phase: 100 steps of 32 x 49
+    # one reference for every method: the plain-finetune control on the same data
+    refs = {r["method"]: r for r in summary["references"]}
+    assert set(refs) == {"base", "control"}
+    for row in rows:
         if row["method"] != "neuron":
-            assert row["fve"] > 0.5  # every dictionary reconstructs its site
-            assert row["state_precision_null"] < row["state_precision_test"]
-            assert row["features_changed"] <= row["features_active"]
+            assert row["ce_gap_control"] == pytest.approx(
+                row["ce_loss_on"] - refs["control"]["ce_loss_on"])
+        assert 0 <= row["state_precision_test"] <= 1
+    assert cb["ce_loss_off"] != refs["control"]["ce_loss_on"]  # own weights != the control
+    for row in (r for r in rows if r["method"] != "neuron"):
+        assert row["fve"] > 0.5  # every dictionary reconstructs its site
+        assert row["state_precision_null"] < row["state_precision_test"]
+        assert row["features_changed"] <= row["features_active"]
+        dose = row["dose"]
+        assert list(dose)[:2] == ["dedicated", "linked"] and f"sites:{len(summary['sites'])}" \
+            in dose
+        assert dose[f"sites:{len(summary['sites'])}"]["success"] == pytest.approx(
+            row["full_swap_success"])
     assert summary["peak_rss_mb"] > 0 and summary["cache_tokens"] > 0
     out = tmp_path / "out"
-    assert (out / "table.md").read_text().count("\n") == len(METHODS) + 2
+    table = (out / "table.md").read_text()
+    assert "± " in table and "## Sparsity points" in table and "## References" in table
+    assert (out / "curves.png").stat().st_size > 1000
     # the SAEs are saved in sparsify's own format and load with its loader
     from sparsify import SparseCoder
 
     for site in summary["sites"]:  # quick model: 4 heads, 128 codes, k=1
         latents, k = (4 * 128, 4) if site.startswith("attn_heads") else (128, 1)
-        for name, mult in (("sae", 1), ("sae_4x", 4)):
-            sae = SparseCoder.load_from_disk(out / "saes" / name / site)
+        for name, mult, seed in (("sae", 1, 0), ("sae", 1, 1), ("sae_2x", 2, 0)):
+            sae = SparseCoder.load_from_disk(out / "saes" / f"{name}-s{seed}" / site)
             assert (sae.num_latents, sae.cfg.k) == (latents, mult * k)
-    # MLflow: a parent run with a child per method
+    # MLflow: a parent run with a child per row
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     exp = client.get_experiment_by_name("codebook-compare")
     children = client.search_runs([exp.experiment_id],
                                   f"tags.mlflow.parentRunId = '{summary['mlflow_run_id']}'")
-    assert sorted(r.data.tags["mlflow.runName"] for r in children) == sorted(METHODS)
+    assert sorted(r.data.tags["mlflow.runName"] for r in children) == sorted(
+        f"{m}-s{s}" for m, _, s in keys)
 
 
 @pytest.mark.slow
@@ -204,30 +438,40 @@ def test_text_split_keeps_each_document_on_one_side(tokenizer):
 
 
 def test_text_comparison_scores_regex_features(tmp_path, tok_dir, tokenizer):
+    """The text comparison: evaluation documents held out of every method's training data
+    (the end-to-end model's corpus and the cache), regex features per method, and steering
+    like for like (the same number of features from the same pool, every intervention, a
+    dense baseline, intervals)."""
     import yaml
     from text_helpers import lines
     from train_helpers import tiny_overrides
 
+    from codebook.data.heldout import is_heldout
+
     corpus = tmp_path / "corpus"
     corpus.mkdir()
-    for i in range(6):  # digits, years, punctuation and brackets for the default features
+    texts = {}
+    for i in range(12):  # digits, years, punctuation and brackets for the default features
         extra = [f"In {1990 + j} they sold {j * 7} books (and {i} maps)." for j in range(30)]
-        (corpus / f"doc{i}.txt").write_text("\n".join(lines(40) + extra))
+        texts[f"doc{i:02d}.txt"] = "\n".join(lines(40) + extra)
+        (corpus / f"doc{i:02d}.txt").write_text(texts[f"doc{i:02d}.txt"])
     overrides = tiny_overrides(tmp_path / "runs", "t", **{
         "model.tokenizer": tok_dir, "model.from_config.vocab_size": len(tokenizer),
         "model.from_config.bos_token_id": tokenizer.eos_token_id,
         "model.from_config.eos_token_id": tokenizer.eos_token_id,
         "data.source": "text", "data.paths": f"[{corpus}]", "data.block_size": 32,
-        "data.eval_blocks": 4, "codebook.start_step": 6, "run.max_steps": 12,
-        "deepspeed.enabled": False})
+        "data.eval_blocks": 4, "data.heldout_fraction": 0.3, "codebook.start_step": 6,
+        "run.max_steps": 12, "deepspeed.enabled": False})
+    fit = {"token_budget": 4096, "batch_tokens": 512, "micro_batch_tokens": 256,
+           "eval_every_tokens": 2048, "val_tokens": 512}
     spec = {"name": "text", "train_config": str(REPO / "configs" / "fsm.yaml"),
-            "train_overrides": overrides, "block_size": 32,
-            "sae": {"steps": 30, "batch_tokens": 128}, "posthoc": {"steps": 30,
-                                                                   "batch_tokens": 128},
-            "cache": {"sequences": 64, "rows_per_shard": 32},
+            "train_overrides": overrides, "block_size": 32, "sae": fit, "posthoc": fit,
+            "sparsity": [1], "seeds": [0],
+            "cache": {"sequences": 64, "rows_per_shard": 8},
             "analysis": {"eval_sequences": 48},
             "topics": str(tmp_path / "topics.yaml"),
-            "steering": {"codes": 2, "samples": 2, "max_new_tokens": 8}}
+            "steering": {"features": 2, "pool": 6, "samples": 2, "max_new_tokens": 8,
+                         "set_multiples": [1.0, 2.0], "add_norms": [1.0], "bootstrap": 200}}
     topics = {"prompts": ["In", "The"], "background_texts": lines(30),
               "topics": [{"name": "years", "regex": r"\b19\d\d\b",
                           "topic_texts": [f"In {1990 + j} and {1991 + j}." for j in range(9)]}]}
@@ -235,10 +479,16 @@ def test_text_comparison_scores_regex_features(tmp_path, tok_dir, tokenizer):
     (tmp_path / "compare.yaml").write_text(yaml.safe_dump(spec))
     cmd = [sys.executable, "pipelines/compare.py", "--config", str(tmp_path / "compare.yaml"),
            "--out", str(tmp_path / "out")]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["task"] == "text"
+    split = summary["split"]
+    assert split["eval_documents"] and split["cache_documents"]
+    assert not set(split["eval_documents"]) & set(split["cache_documents"])
+    # held out by the training config's own rule: the end-to-end model never trains on them
+    held = {n for n, t in texts.items() if is_heldout(t, 0.3, 0)}
+    assert set(split["eval_documents"]) <= held and not set(split["cache_documents"]) & held
     rows = {r["method"]: r for r in summary["rows"]}
     assert tuple(rows) == METHODS
     for method, row in rows.items():
@@ -247,10 +497,21 @@ def test_text_comparison_scores_regex_features(tmp_path, tok_dir, tokenizer):
         assert set(row["regex_per_feature"]) >= {"digits", "years_1900s", "brackets"}
         for key in ("fve", "ce_loss_recovered", "kl", "ce_loss_recovered_all", "kl_all"):
             assert row[key] is not None, (method, key)
-    assert rows["neuron"]["l0"] > rows["sae_4x"]["l0"] > rows["sae"]["l0"] > 0
-    for method in METHODS[:-1]:  # topic steering with each method's own features
-        row = rows[method]
-        assert row["steering_topics"] == 1 and 0 <= row["steering_baseline_rate"] <= 1
-        assert row["steering"]["years"] is None or 0 <= row["steering"]["years"] <= 1
-    assert "steering_rate" not in rows["neuron"]
-    assert (tmp_path / "out" / "table.md").read_text().count("regex prec. (test)") == 1
+        assert row["regex_precision_common"] is None or 0 <= row["regex_precision_common"] <= 1
+    assert rows["neuron"]["l0"] > rows["sae"]["l0"] > 0
+    steering = summary["steering"]
+    assert set(steering) == {"codebook", "posthoc_codebook", "sae", "neuron"}
+    for method, res in steering.items():
+        (topic,) = res["topics"]
+        if method == "neuron":  # the dense baseline: one mean-difference vector per site
+            assert topic["features"] == [f"dense:{s}" for s in summary["sites"]]
+            assert [g["intervention"] for g in topic["grid"]] == ["add 1x norm"]
+        else:  # the same number of features for every method, from a pool of 6
+            assert len(topic["features"]) == 2, method
+            assert [g["intervention"] for g in topic["grid"]] == [
+                "set 1x mean", "set 2x mean", "set 1x max", "add 1x norm"]
+        for g in topic["grid"]:
+            assert g["rate_lo"] <= g["rate"] <= g["rate_hi"] and g["n"] == 4
+            assert g["perplexity"] > 0
+        assert res["steering_rate_lo"] <= res["steering_rate"] <= res["steering_rate_hi"]
+    assert "## Steering at matched cost" in (tmp_path / "out" / "table.md").read_text()

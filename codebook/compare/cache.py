@@ -128,24 +128,48 @@ class ActivationCache:
         with safe_open(str(self.root / SHARD.format(i)), framework="pt") as fh:
             return fh.get_tensor(name)
 
-    def batches(self, name: str, batch_tokens: int, seed: int = 0) -> Iterator[torch.Tensor]:
-        """(batch_tokens, dim) batches of one site, shards in a seeded order, tokens shuffled
-        within each shard; one shard in memory at a time."""
+    def split(self, val_fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
+        """(training, validation) shard indices: ``val_fraction`` of the shards (at least one,
+        and at least one left to train on) held out, chosen by ``seed``."""
+        if self.shards < 2:
+            raise ConfigError("cache", f"{self.root} has {self.shards} shard: a validation "
+                              "split needs at least 2", "collect more sequences, or lower "
+                              "cache.rows_per_shard")
+        n_val = min(self.shards - 1, max(1, round(val_fraction * self.shards)))
+        order = np.random.default_rng([seed, 11]).permutation(self.shards)
+        return sorted(int(i) for i in order[n_val:]), sorted(int(i) for i in order[:n_val])
+
+    def batches(self, name: str, batch_tokens: int, seed: int = 0,
+                shards: list[int] | None = None) -> Iterator[torch.Tensor]:
+        """(batch_tokens, dim) batches of one site from ``shards`` (default all), shards in a
+        seeded order; tokens shuffled within a pool of at least two batches' worth of shards
+        (a batch may span shards), a pool's tail carried into the next; one pool in memory."""
         self.site(name)
         rng = np.random.default_rng(seed)
-        for i in rng.permutation(self.shards):
+        ids = list(range(self.shards)) if shards is None else list(shards)
+        pool: list[torch.Tensor] = []
+        held = 0
+        for k, i in enumerate(rng.permutation(ids)):
             x = self.shard(int(i), name)
-            order = torch.as_tensor(rng.permutation(x.shape[0]))
-            for start in range(0, x.shape[0] - batch_tokens + 1, batch_tokens):
-                yield x[order[start : start + batch_tokens]]
+            pool.append(x)
+            held += x.shape[0]
+            if held < 2 * batch_tokens and k < len(ids) - 1:
+                continue
+            mixed = torch.cat(pool)
+            mixed = mixed[torch.as_tensor(rng.permutation(mixed.shape[0]))]
+            whole = mixed.shape[0] // batch_tokens * batch_tokens
+            yield from mixed[:whole].split(batch_tokens)
+            pool, held = [mixed[whole:]], mixed.shape[0] - whole
 
-    def sample(self, name: str, n: int, seed: int = 0) -> torch.Tensor:
-        """Up to ``n`` random tokens of one site, drawn evenly from every shard."""
+    def sample(self, name: str, n: int, seed: int = 0,
+               shards: list[int] | None = None) -> torch.Tensor:
+        """Up to ``n`` random tokens of one site, drawn evenly from ``shards`` (default all)."""
         self.site(name)
-        per = max(1, -(-n // self.shards))
+        ids = list(range(self.shards)) if shards is None else list(shards)
+        per = max(1, -(-n // len(ids)))
         g = torch.Generator().manual_seed(seed)
         parts = []
-        for i in range(self.shards):
+        for i in ids:
             x = self.shard(i, name)
             parts.append(x[torch.randperm(x.shape[0], generator=g)[:per]])
         return torch.cat(parts)[:n]

@@ -5,8 +5,10 @@
     codebook_model: RUN/checkpoint_.../hf   # optional: an existing one (else trained here)
     base_model: BASE/checkpoint_.../hf  # optional: the frozen base (else the codebook run's
                                         # checkpoint at codebook.start_step, before codebooks)
-    sae: {steps: 3000, batch_tokens: 2048}
-    posthoc: {steps: 3000, batch_tokens: 2048}
+    sae: {token_budget: 4000000}     # codebook.compare.fitting.FitOptions
+    posthoc: {token_budget: 4000000}
+    sparsity: [1, 2, 4]   # L0 multiples of the codebook's k: the curve (1: the headline)
+    seeds: [0, 1, 2]      # seeds at the headline point (the others: the first seed)
     cache: {sequences: 4096}
     analysis: {eval_sequences: 256, max_pairs: 500}
 """
@@ -16,7 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from codebook.compare.methods import METHODS, FitOptions
+from codebook.compare.fitting import FitOptions
+from codebook.compare.methods import METHODS
 from codebook.errors import ConfigError
 from codebook.schema import build, read_yaml, set_dotted
 
@@ -49,21 +52,29 @@ class AnalysisOptions:
 
 @dataclass
 class SteeringOptions:
-    """Topic steering on text (``codebook.steering.steering_table``): per topic of the
-    ``topics`` file, ``codes`` features found on its texts, forced on while sampling (an SAE
-    latent at its mean active value)."""
+    """Topic steering on text, like for like (``codebook.compare.steer``): per topic and
+    method, the ``features`` most effective of the ``pool`` features most enriched on its
+    texts (the same numbers for every method), each intervention at each strength, ``samples``
+    samples per prompt, with bootstrap intervals and the samples' perplexity under the control
+    model; the headline is the best rate at perplexity <= ``ppl_ceiling`` x unsteered."""
 
-    codes: int = 4
+    features: int = 2
+    pool: int = 20
     samples: int = 4
     max_new_tokens: int = 64
-    mode: str = "overwrite"
-    select: str = "ranked"
+    set_multiples: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])
+    set_max: bool = True  # also set at the largest active value
+    add_norms: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])
+    ppl_ceiling: float = 2.0
+    bootstrap: int = 1000
 
     def __post_init__(self) -> None:
-        if self.mode not in ("overwrite", "add", "replace"):
-            raise ValueError(f"mode {self.mode!r}: use overwrite, add or replace")
-        if self.select not in ("ranked", "effect"):
-            raise ValueError(f"select {self.select!r}: use ranked or effect")
+        if self.features < 1 or self.pool < self.features:
+            raise ValueError("steering needs 1 <= features <= pool")
+        if self.samples < 1 or self.max_new_tokens < 1:
+            raise ValueError("steering.samples and max_new_tokens must be >= 1")
+        if any(m <= 0 for m in [*self.set_multiples, *self.add_norms]):
+            raise ValueError("steering strengths must be > 0")
 
 
 @dataclass
@@ -72,10 +83,13 @@ class CompareConfig:
     train_config: str
     codebook_model: str | None = None
     base_model: str | None = None
+    control_model: str | None = None  # a given base's plain finetune (else trained here)
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     train_overrides: list[str] = field(default_factory=list)  # --set for the training config
     sae: FitOptions = field(default_factory=FitOptions)
     posthoc: FitOptions = field(default_factory=FitOptions)
+    sparsity: list[int] = field(default_factory=lambda: [1, 2, 4])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     cache: CacheOptions = field(default_factory=CacheOptions)
     analysis: AnalysisOptions = field(default_factory=AnalysisOptions)
     # Text: regex features (the library's defaults plus this YAML file's) and the block size.
@@ -93,10 +107,11 @@ class CompareConfig:
             raise ValueError(f"unknown method {bad[0]!r}: use some of {list(METHODS)}")
         if "codebook" not in self.methods:
             raise ValueError("methods must include 'codebook': the other rows are sized by it")
-        for sec in ("sae", "posthoc"):
-            opts: FitOptions = getattr(self, sec)
-            if opts.steps < 1 or opts.batch_tokens < 1:
-                raise ValueError(f"{sec}.steps and {sec}.batch_tokens must be >= 1")
+        if not self.sparsity or self.sparsity[0] != 1 or any(m < 1 for m in self.sparsity):
+            raise ValueError(f"sparsity {self.sparsity}: L0 multiples >= 1, starting with 1 "
+                             "(the headline point)")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds {self.seeds}: give distinct seeds")
 
 
 def load_compare_config(path: str | Path, overrides: list[str] | None = None) -> CompareConfig:

@@ -4,50 +4,60 @@ scoring code serves them all (``codebook.compare.score``):
 - ``codebook``: the end-to-end finetuned codebook model (its own weights);
 - ``posthoc_codebook``: codebook layers of the same size and k fitted to the frozen base
   model's cached activations (k-means, then reconstruction training; the model untouched);
-- ``sae`` / ``sae_4x``: sparsify TopK SAEs on the frozen base model; dictionary = the
-  codebook's codes per site, L0 = the codebook's L0 (and 4x);
+- ``sae``: sparsify TopK SAEs on the frozen base model; dictionary = the codebook's codes per
+  site, L0 = the codebook's L0 (``sae_4x``: 4x; every method has such multiples);
 - ``neuron``: nothing spliced; the base model's own units (``IdentityLayer`` records them).
 """
 
 from __future__ import annotations
 
 import copy
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from codebook.compare.cache import ActivationCache
+from codebook.compare.fitting import FiringClock, FitOptions, FitRecord, fit_to_budget
 from codebook.compare.sparse_coder import SparseCoderLayer, new_sparse_coder, train_sparse_coder
 from codebook.config import CodebookConfig
 from codebook.layer import CodebookLayer
 from codebook.model import CodebookModel
 
-METHODS = ("codebook", "posthoc_codebook", "sae", "sae_4x", "neuron")
+METHODS = ("codebook", "posthoc_codebook", "sae", "neuron")
+# Sparsity points: each dictionary method at L0 multiples of the codebook's k ("sae_4x": an SAE
+# with 4x the codebook's L0; "codebook_2x": the end-to-end model trained at k = 2 x k).
+SPARSE_METHODS = ("codebook", "posthoc_codebook", "sae")
 
 
-@dataclass
-class FitOptions:
-    """How the cache-trained methods are fitted (``sae`` and ``posthoc`` sections)."""
-
-    steps: int = 2000
-    batch_tokens: int = 1024
-    lr: float | None = None  # None: the method's default (sparsify's rule; 1e-3 for codebooks)
-    seed: int = 0
+def method_name(method: str, multiple: int) -> str:
+    """``sae`` at L0 multiple 4 -> ``sae_4x``; multiple 1 keeps the plain name."""
+    return method if multiple == 1 else f"{method}_{multiple}x"
 
 
 @dataclass
 class Fitted:
-    """A method's model, and what fitting it cost."""
+    """A method's model, and what fitting it cost (``fits``: per site, the fit's record)."""
 
     model: CodebookModel
     train_seconds: float = 0.0
     train_tokens: int = 0
-    info: dict[str, Any] | None = None
+    fits: dict[str, FitRecord] | None = None
+    dead_train: float | None = None  # an end-to-end model's, from its last training log
+
+    @property
+    def dead_fraction(self) -> float | None:
+        """Mean over sites of the share of latents silent over the training window (at most
+        the last 1M tokens; an end-to-end model: its last logging window)."""
+        if not self.fits:
+            return self.dead_train
+        return sum(f.dead_fraction for f in self.fits.values()) / len(self.fits)
+
+    @property
+    def stopped_early(self) -> bool:
+        return bool(self.fits) and any(f.stopped_early for f in self.fits.values())
 
 
 class IdentityLayer(CodebookLayer):
@@ -83,35 +93,57 @@ def posthoc_codebook(base: nn.Module, config: CodebookConfig, cache: ActivationC
                      opts: FitOptions, kmeans_samples: int = 16384,
                      log: Callable[[str, int, float], None] | None = None) -> Fitted:
     """Codebooks of ``config``'s size and k fitted to the frozen base model's activations:
-    k-means on a cache sample, then the reconstruction loss alone, Adam, dead codes re-seeded
-    every ``config.dead_code_steps`` steps as in training."""
+    k-means on a sample of the training shards, then the reconstruction loss alone (Adam), to
+    ``opts``' budget or plateau (``codebook.compare.fitting``); dead codes re-seeded as in
+    training."""
     model = _wrap(base, config)
-    t0, tokens = time.perf_counter(), 0
+    train_shards, val_shards = cache.split(opts.val_fraction, opts.seed)
+    fits = {}
     for name, layer in model.codebooks.items():
         gen = torch.Generator().manual_seed(opts.seed)
-        layer.kmeans_init_(cache.sample(name, kmeans_samples, opts.seed), config.kmeans_iters, gen)
-        layer.train()
-        opt = torch.optim.Adam([layer.codes], lr=opts.lr or 1e-3)
-        step = 0
-        while step < opts.steps:
-            for x in cache.batches(name, opts.batch_tokens, opts.seed + step):
-                layer(x)
-                layer.last_losses.recon.backward()
-                opt.step()
-                opt.zero_grad()
-                step += 1
-                tokens += x.shape[0]
-                if config.dead_code_steps and step % config.dead_code_steps == 0:
-                    layer.replace_dead_codes(config.dead_code_steps, config.dead_code_noise,
-                                             gen)
-                if log is not None and (step % 100 == 0 or step == opts.steps):
-                    log(name, step, float(layer.last_losses.recon.detach()))
-                if step >= opts.steps:
-                    break
-        layer.eval()
-        layer.reset_metrics()
+        layer.kmeans_init_(cache.sample(name, kmeans_samples, opts.seed, train_shards),
+                           config.kmeans_iters, gen)
+        fits[name] = _fit_codebook(layer, config, cache, name, opts, train_shards, val_shards,
+                                   gen, None if log is None else
+                                   (lambda t, f, n=name: log(n, t, f)))
     model.eval()
-    return Fitted(model, time.perf_counter() - t0, tokens)
+    return Fitted(model, sum(f.seconds for f in fits.values()),
+                  sum(f.tokens for f in fits.values()), fits)
+
+
+def _fit_codebook(layer: CodebookLayer, config: CodebookConfig, cache: ActivationCache,
+                  name: str, opts: FitOptions, train_shards: list[int], val_shards: list[int],
+                  gen: torch.Generator, log: Callable[[int, float], None] | None) -> FitRecord:
+    layer.train()
+    opt = torch.optim.Adam([layer.codes], lr=opts.lr or 1e-3)
+    clock = FiringClock(layer.groups * layer.num_codes)
+    val = cache.sample(name, opts.val_tokens, opts.seed, val_shards)
+
+    def step(x: torch.Tensor) -> None:
+        for mb in x.split(opts.micro_batch_tokens):
+            layer(mb)
+            (layer.last_losses.recon * (mb.shape[0] / x.shape[0])).backward()
+        opt.step()
+        opt.zero_grad()
+        clock.update(x.shape[0], layer.code_counts.flatten().nonzero().flatten())
+        layer.reset_metrics()
+        if config.dead_code_steps:
+            layer.replace_dead_codes(config.dead_code_steps, config.dead_code_noise, gen)
+
+    @torch.no_grad()
+    def validate() -> float:
+        layer.eval()
+        q = layer(val)
+        layer.train()
+        return float((q - val).pow(2).sum() / (val - val.mean(0)).pow(2).sum())
+
+    record = fit_to_budget(
+        step, validate,
+        lambda epoch: cache.batches(name, opts.batch_tokens, opts.seed * 1009 + epoch,
+                                    train_shards), opts, clock, log)
+    layer.eval()
+    layer.reset_metrics()
+    return record
 
 
 def sae_model(base: nn.Module, config: CodebookConfig, cache: ActivationCache,
@@ -119,26 +151,26 @@ def sae_model(base: nn.Module, config: CodebookConfig, cache: ActivationCache,
               log: Callable[[str, int, float], None] | None = None) -> Fitted:
     """A sparsify TopK SAE per site of ``config``: ``groups * num_codes`` latents (the
     codebook's dictionary size) and k = ``l0_multiplier * groups * k`` (its L0), trained on
-    the cache; saved in sparsify's format (``<save_to>/<site>/{cfg.json, sae.safetensors}``)."""
+    the cache's training shards to ``opts``' budget or plateau; saved in sparsify's format
+    (``<save_to>/<site>/{cfg.json, sae.safetensors}``)."""
     model = _wrap(base, config)
-    t0, tokens, info = time.perf_counter(), 0, {}
+    train_shards, val_shards = cache.split(opts.val_fraction, opts.seed)
+    fits = {}
     for name, layer in list(model.codebooks.items()):
         latents = layer.groups * layer.num_codes
         k = l0_multiplier * layer.groups * config.k
-        coder = new_sparse_coder(layer.dim, latents, k, opts.seed)
-
-        def batches(name: str = name) -> Any:
-            return cache.batches(name, opts.batch_tokens, opts.seed)
-
-        info[name] = train_sparse_coder(coder, batches, opts.steps, opts.lr,
-                                        log=None if log is None else
-                                        (lambda s, f, n=name: log(n, s, f)))
-        tokens += opts.steps * opts.batch_tokens
+        coder = new_sparse_coder(layer.dim, latents, k, opts.seed,
+                                 multi_topk=opts.dead_latents == "multi_topk")
+        fits[name] = train_sparse_coder(coder, cache, name, opts, train_shards, val_shards,
+                                        None if log is None else
+                                        (lambda t, f, n=name: log(n, t, f)))
         sae = SparseCoderLayer(coder)
-        sae.set_mean_activations(x for i, x in zip(range(8), batches(), strict=False))
+        batches = cache.batches(name, opts.micro_batch_tokens, opts.seed, train_shards)
+        sae.set_activation_stats(x for _, x in zip(range(8), batches, strict=False))
         sae.eval()
         model.codebooks[name] = sae
         if save_to is not None:
             coder.save_to_disk(Path(save_to) / name)
     model.eval()
-    return Fitted(model, time.perf_counter() - t0, tokens, info)
+    return Fitted(model, sum(f.seconds for f in fits.values()),
+                  sum(f.tokens for f in fits.values()), fits)

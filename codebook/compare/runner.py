@@ -1,10 +1,15 @@
-"""The comparison end to end, without Ray: checks, the codebook model and the frozen base, the
-cache, the fitted methods, the scoring and the outputs. The Ray parts (collecting the cache,
-training a text model under Ray Train) are handed in by ``pipelines/compare.py``.
+"""The comparison end to end, without Ray: checks, the models (``codebook.compare.protocol``:
+the base, the plain-finetune control, the end-to-end codebook models per L0 multiple and seed),
+the data fixed before any training (``codebook.compare.data``), the cache, every method at every
+sparsity point and seed (``codebook.compare.rows``), steering like for like
+(``codebook.compare.steer``), the aggregates with intervals (``codebook.compare.aggregate``) and
+the outputs. The Ray parts (collecting the cache, training a text model under Ray Train) are
+handed in by ``pipelines/compare.py``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import resource
 import time
@@ -13,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from codebook.errors import ConfigError
+from codebook.io import atomic_write
 
 
 def prepare(config: str | Path, overrides: list[str], train_overrides: list[str],
@@ -32,6 +38,11 @@ def prepare(config: str | Path, overrides: list[str], train_overrides: list[str]
     if train.data.source == "text":
         from codebook.analysis.features import load_features
 
+        if not train.data.heldout_fraction:
+            raise ConfigError("train_overrides", "the training config holds out no documents "
+                              "(data.heldout_fraction 0): the evaluation would be text the "
+                              "end-to-end model trained on", "add data.heldout_fraction=0.1")
+
         load_features(cfg.features)  # every regex compiled here
         if cfg.topics:
             from codebook.topics import load_topics
@@ -47,13 +58,11 @@ def prepare(config: str | Path, overrides: list[str], train_overrides: list[str]
                           " 0 has no plain checkpoint to serve as the frozen base",
                           "set base_model, or codebook.start_step > 0")
     cb = train.codebook
-    if not cfg.codebook_model and not pretrained:  # the base: the checkpoint at start_step
-        train.run.checkpoint_every = cb.start_step
-    for mult in (1, 4):
+    for mult in cfg.sparsity:
         if cb.k * mult > cb.num_codes:
-            raise ConfigError("sae", f"an L0 of {mult} x k = {cb.k * mult} per codebook is larger "
-                              f"than the dictionary ({cb.num_codes} codes per codebook)",
-                              "lower codebook.k or raise codebook.num_codes")
+            raise ConfigError("sparsity", f"an L0 of {mult} x k = {cb.k * mult} per codebook is "
+                              f"larger than the dictionary ({cb.num_codes} codes per codebook)",
+                              "lower codebook.k or the multiples, or raise codebook.num_codes")
     check_model_sites(cfg, train)
     if any(m.startswith("sae") for m in cfg.methods):
         require_sparsify()
@@ -89,203 +98,182 @@ def run(cfg: Any, train: Any, out: Path, quick: bool, collect_cache: Callable[..
     """The whole comparison (``prepare``'s outputs); ``collect_cache`` and ``fit`` are
     ``codebook.ray_glue.activations.collect_cache`` and ``codebook.ray_glue.train.fit`` (or
     stand-ins with their signatures)."""
-    import numpy as np
-    import torch
-
     from codebook.compare import methods as M
+    from codebook.compare import rows as R
+    from codebook.compare.data import comparison_data
     from codebook.compare.load import load_base
     from codebook.resolve import load_trained_model
 
     t0 = time.perf_counter()
-    cb_path, base_path, train_s = _codebook_and_base(cfg, train, out, fit)
-    base_gguf = train.model.gguf_file if base_path == train.model.name_or_path else None
-    codebook = load_trained_model(str(cb_path))
-    base = load_base(base_path, base_gguf)
-    config = codebook.codebook_config
-    sites = {n: layer.dim for n, layer in codebook.codebooks.items()}
-    rng = np.random.default_rng([cfg.analysis.seed, 7])
-    if train.data.source == "fsm":
-        from codebook.data.fsm import TokFSM
-
-        fsm = TokFSM(train.data.fsm)
-        cache_tokens = fsm.sample_tokens(cfg.cache.sequences, rng)
-        data = torch.from_numpy(fsm.eval_set(cfg.analysis.eval_sequences))
-    else:
-        fsm = None
-        blocks, tokenizer = _text_blocks(cfg, train, base_path, base_gguf)
-        order = rng.permutation(blocks.ids.shape[0])
-        n_cache = min(cfg.cache.sequences, len(order) // 2)
-        cache_tokens = blocks.ids[order[:n_cache]]
-        keep = order[n_cache : n_cache + cfg.analysis.eval_sequences]
-        data = blocks.take(keep)
-    cache = collect_cache(base_path, config.to_dict(), sites, cache_tokens, out / "cache",
-                          cfg.cache.rows_per_shard, cfg.cache.batch_rows, cfg.cache.num_workers,
-                          gguf_file=base_gguf)
-
-    def log(method: str):
-        return lambda site, step, loss: print(f"{method} {site} step {step}: {loss:.4f}",
-                                              flush=True)
-
-    fitted = {"codebook": M.Fitted(codebook, train_s)}
-    if "posthoc_codebook" in cfg.methods:
-        fitted["posthoc_codebook"] = M.posthoc_codebook(base, config, cache, cfg.posthoc,
-                                                        log=log("posthoc"))
-    for name, mult in (("sae", 1), ("sae_4x", 4)):
-        if name in cfg.methods:
-            fitted[name] = M.sae_model(base, config, cache, cfg.sae, mult, out / "saes" / name,
-                                       log=log(name))
+    models = _models(cfg, train, out, fit)
+    base_gguf = train.model.gguf_file if models["base"] == train.model.name_or_path else None
+    base = load_base(models["base"], base_gguf)
+    headline = min(models["codebooks"])
+    config = load_trained_model(models["codebooks"][headline].path).codebook_config
+    sites = {s.name: s.dim for s in _sites(base, config)}
+    data = comparison_data(cfg, train, models["base"], base_gguf)
+    with atomic_write(out / "data_split.json") as fh:
+        json.dump(data.split, fh, indent=2)
+    cache = collect_cache(models["base"], config.to_dict(), sites, data.cache_tokens,
+                          out / "cache", cfg.cache.rows_per_shard, cfg.cache.batch_rows,
+                          cfg.cache.num_workers, gguf_file=base_gguf)
+    references = {"base": R.reference_row("base", base, data)}
+    if models.get("control"):
+        references["control"] = R.reference_row("control", load_base(models["control"]), data)
+    ctx = R.Context(cfg, data, cache, base, config, out,
+                    {"ce_base": references["base"]["ce_loss_on"],
+                     "ce_control": references.get("control", references["base"])["ce_loss_on"]},
+                    log=lambda name: (lambda site, tokens, fvu: print(
+                        f"{name} {site} {tokens} tokens: val FVU {fvu:.4f}", flush=True)))
+    rows, reports, steer_models, target = [], {}, {}, None
+    for multiple in cfg.sparsity:
+        for seed in cfg.seeds if multiple == 1 else cfg.seeds[:1]:
+            for method in (m for m in cfg.methods if m != "neuron"):
+                if method == "codebook" and (multiple, seed) not in models["codebooks"]:
+                    continue
+                fitted = R.fit(ctx, method, multiple, seed, models["codebooks"])
+                name = M.method_name(method, multiple)
+                row, extra = R.score(ctx, name, fitted, multiple=multiple, seed=seed)
+                rows.append(row)
+                if (multiple, seed) == headline:
+                    if data.task == "fsm":
+                        reports[name] = extra
+                    if method == "codebook":
+                        target = _target_recall(data.task, extra)
+                    steer_models[method] = fitted.model
     if "neuron" in cfg.methods:
-        fitted["neuron"] = M.neuron_model(base, config)
-    if fsm is not None:
-        rows, reports = _score_fsm(cfg, fitted, fsm, data)
-    else:
-        rows, reports = _score_text(cfg, fitted, data, tokenizer)
-    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    summary = {"name": cfg.name, "quick": quick, "task": train.data.source,
-               "codebook_model": str(cb_path), "base_model": str(base_path),
+        neuron = M.neuron_model(base, config)
+        rows.append(R.score(ctx, "neuron", neuron, target_recall=target)[0])
+        steer_models["dense"] = neuron.model
+    steering = {}
+    if cfg.topics and data.task == "text":
+        steering = _steer(cfg, steer_models, data.tokenizer, models, references)
+        for row in rows:
+            if row["method"] in steering and (row["multiple"], row["seed"]) == headline:
+                row.update({k: v for k, v in steering[row["method"]].items() if k != "topics"})
+    summary = {"name": cfg.name, "quick": quick, "task": data.task,
+               "codebook_model": models["codebooks"][headline].path,
+               "base_model": str(models["base"]), "control_model": models.get("control"),
                "sites": list(sites), "cache_tokens": cache.tokens,
-               "eval_units": int(len(data.ids) if fsm is None else data.shape[0]),
-               "peak_rss_mb": round(peak_rss_mb),
+               "eval_units": data.eval_units, "split": data.split,
+               "sparsity": cfg.sparsity, "seeds": cfg.seeds,
+               "budgets": {"sae": dataclasses.asdict(cfg.sae),
+                           "posthoc": dataclasses.asdict(cfg.posthoc),
+                           "codebook": {f"{m}x-s{s}": {"tokens": t.tokens, "seconds": t.seconds}
+                                        for (m, s), t in models["codebooks"].items()}},
+               "references": list(references.values()),
+               "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
                "minutes": round((time.perf_counter() - t0) / 60, 2), "rows": rows}
+    if steering:
+        summary["steering"] = steering
     return _write(cfg, out, summary, reports)
 
 
-def _codebook_and_base(cfg: Any, train: Any, out: Path, fit: Callable[[Any], dict[str, Any]]
-                       ) -> tuple[str, str, float | None]:
-    """The end-to-end codebook model (given, or trained now by the one loop) and the frozen
-    base: given, else the pretrained model the run starts from, else the run's checkpoint at
-    codebook.start_step (before the codebooks came on)."""
-    cb_path, base_path, train_s = cfg.codebook_model, cfg.base_model, None
-    if not cb_path:
-        train.run.name, train.run.storage_path = "codebook", str(out / "runs")
-        started = time.perf_counter()
-        if train.data.source == "fsm":  # the one training loop, in this process
-            from codebook.training.local import train_local
-
-            summary = train_local(train, device="cpu")
-        else:  # the same loop under Ray Train
-            summary = fit(train)
-        cb_path, train_s = summary["model"], time.perf_counter() - started
-        if not base_path and train.model.name_or_path is None:
-            base_path = _checkpoint_at(Path(cb_path).parents[1], train.codebook.start_step)
-    base_path = base_path or train.model.name_or_path
-    if not base_path:
-        raise ConfigError("base_model", "no frozen base model is known for a given "
-                          "codebook_model trained from scratch", "set base_model")
-    return str(cb_path), str(base_path), train_s
-
-
-def _checkpoint_at(run_dir: Path, step: int) -> str:
-    """The HF folder of the run's checkpoint at ``step``."""
-    from codebook.checkpoint import HF_DIR, checkpoint_dirs, checkpoint_step
-
-    for d in checkpoint_dirs(run_dir):
-        if checkpoint_step(d) == step:
-            return str(d / HF_DIR)
-    raise ConfigError("base_model", f"the run in {run_dir} kept no checkpoint at step {step} "
-                      "(codebook.start_step)", "set base_model, or keep more checkpoints")
-
-
-def _text_blocks(cfg, train, base_path: str, base_gguf: str | None):
-    from codebook.analysis.features import load_features
-    from codebook.compare.text import text_blocks
-    from codebook.corpus import Corpus, describe_corpus, read_documents
-    from codebook.data.text import load_tokenizer
-
-    source = describe_corpus(Corpus(source="text", paths=train.data.paths))
-    if not source["num_documents"]:
-        raise ConfigError("data.paths", f"no .txt/.md files under {train.data.paths}",
-                          "point data.paths at text files")
-    tokenizer = load_tokenizer(train.model.tokenizer or base_path, base_gguf)
-    return text_blocks(tokenizer, read_documents(source, 0, source["num_documents"]),
-                       cfg.block_size, load_features(cfg.features)), tokenizer
-
-
-def _score_fsm(cfg, fitted, fsm, tokens):
+def _target_recall(task: str, extra: Any) -> Any:
+    """The neuron baseline's target: per state (FSM) or feature (text), the recall of the
+    headline codebook model's chosen code."""
     import numpy as np
 
-    from codebook.analysis.fsm.report import Settings
-    from codebook.compare.score import fsm_row, neuron_row
-
-    a = cfg.analysis
-    settings = Settings(max_pairs=a.max_pairs, seed=a.seed, min_recall=a.min_recall,
-                        test_fraction=a.test_fraction)
-    rows, reports = [], {}
-    for name, fit in fitted.items():
-        t = time.perf_counter()
-        if name == "neuron":
-            recall = np.asarray([np.nan if v is None else v for v in
-                                 reports["codebook"]["per_state"]["code_recall"]], dtype=float)
-            row = neuron_row(fit.model, fsm, tokens, settings, recall)
-        else:
-            row, rep = fsm_row(name, fit.model, fsm, tokens, settings)
-            reports[name] = rep.to_dict()
-        rows.append(_timed(row, fit, t))
-    return rows, reports
+    if task == "fsm":
+        return np.asarray([np.nan if v is None else v
+                           for v in extra["per_state"]["code_recall"]], dtype=float)
+    return extra
 
 
-def _score_text(cfg, fitted, blocks, tokenizer):
-    from codebook.compare.text import text_row
+def _sites(base: Any, config: Any) -> list[Any]:
+    from codebook.sites import resolve_sites
 
-    a = cfg.analysis
-    rows, recall = [], None
-    for name, fit in fitted.items():
-        t = time.perf_counter()
-        row, chosen = text_row(name, fit.model, blocks, a.seed, a.test_fraction, a.min_recall,
-                               target_recall=recall if name == "neuron" else None)
-        if name == "codebook":
-            recall = chosen
-        if name == "neuron":
-            widths = [layer.dim for layer in fit.model.codebooks.values()]
-            row.update(l0=row.pop("units_nonzero"), fve=1.0, dead_fraction=None,
-                       dictionary_size=sum(widths) / len(widths),
-                       note="the site's own units; nothing spliced")
-        row.pop("units_nonzero", None)
-        if cfg.topics and name != "neuron":
-            row.update(_steering(cfg, fit.model, tokenizer))
-        rows.append(_timed(row, fit, t))
-    return rows, {}
+    return resolve_sites(base.config, config)
 
 
-def _steering(cfg, model, tokenizer) -> dict:
-    """Topic steering with this method's features (``codebook.steering.steering_table``)."""
-    from codebook.steering import steering_table, topic_token_ids
+def _models(cfg: Any, train: Any, out: Path, fit: Callable[[Any], dict[str, Any]]
+            ) -> dict[str, Any]:
+    """The base, the control and the end-to-end codebook models {(multiple, seed): model}:
+    given, or trained here by the one loop (``codebook.compare.protocol``)."""
+    from codebook.compare.protocol import TrainedModel, phase_config, train_model
+
+    runs = out / "runs"
+    if train.data.source == "fsm":  # the one training loop, in this process
+        from codebook.training.local import train_local
+
+        def fit_run(tc: Any, resume: bool) -> dict[str, Any]:
+            return train_local(tc, device="cpu", resume=resume)
+    else:  # the same loop under Ray Train
+        def fit_run(tc: Any, resume: bool) -> dict[str, Any]:
+            return fit(tc, resume=resume)
+
+    base = cfg.base_model or train.model.name_or_path
+    if base is None:
+        if cfg.codebook_model:
+            raise ConfigError("base_model", "no frozen base model is known for a given "
+                              "codebook_model trained from scratch", "set base_model")
+        base = train_model(phase_config(train, "base", runs, None, codebooks=False),
+                           fit_run).path
+    models: dict[str, Any] = {"base": str(base), "control": cfg.control_model}
+    if cfg.control_model is None:
+        models["control"] = train_model(phase_config(train, "control", runs, base,
+                                                     codebooks=False), fit_run).path
+    if cfg.codebook_model:
+        models["codebooks"] = {(1, cfg.seeds[0]): TrainedModel(cfg.codebook_model)}
+        return models
+    models["codebooks"] = {
+        (m, s): train_model(phase_config(train, f"codebook-{m}x-s{s}", runs, base,
+                                         codebooks=True, k_multiple=m, seed=s), fit_run)
+        for m in cfg.sparsity for s in (cfg.seeds if m == 1 else cfg.seeds[:1])}
+    return models
+
+
+def _steer(cfg: Any, models: dict[str, Any], tokenizer: Any, trained: dict[str, Any],
+           references: dict[str, Any]) -> dict[str, Any]:
+    """Steering like for like (``codebook.compare.steer``) for every method with features and
+    the dense baseline, judged by the control model (the base where there is none)."""
+    from codebook.compare.load import load_base
+    from codebook.compare.steer import dense_vector, steer_method
+    from codebook.steering import topic_token_ids
     from codebook.topics import load_topics
 
     spec = load_topics(cfg.topics, None)
     for topic in spec["topics"]:
         topic["token_ids"] = topic_token_ids(tokenizer, topic["regex"])
-    o = cfg.steering
-    res = steering_table(model, tokenizer, spec, codes=o.codes, select=o.select, mode=o.mode,
-                         samples=o.samples, max_new_tokens=o.max_new_tokens,
-                         seed=cfg.analysis.seed)
-    rates = [r["steered_rate"] for r in res["rows"] if r["steered_rate"] is not None]
-    return {"steering_baseline_rate": sum(r["baseline_rate"] for r in res["rows"])
-            / len(res["rows"]),
-            "steering_rate": sum(rates) / len(rates) if rates else None,
-            "steering_topics_ge_060": sum(r >= 0.6 for r in rates),
-            "steering_topics": len(res["rows"]),
-            "steering": {r["topic"]: r["steered_rate"] for r in res["rows"]}}
+    judge = load_base(trained.get("control") or trained["base"])
+    neuron = models["dense"]
+    sites = list(neuron.codebooks)
+    norms = _site_norms(neuron, tokenizer, spec["background"], sites)
+    out = {}
+    for method in ("codebook", "posthoc_codebook", "sae"):
+        if method in models:
+            print(f"steering with {method}", flush=True)
+            out[method] = steer_method(models[method], tokenizer, spec, judge, norms,
+                                       cfg.steering, cfg.analysis.seed)
+    dense = {t["name"]: {s: dense_vector(neuron, tokenizer, t["topic_texts"],
+                                         spec["background"], s) for s in sites}
+             for t in spec["topics"]}
+    print("steering with the dense baseline", flush=True)
+    out["neuron"] = steer_method(neuron, tokenizer, spec, judge, norms, cfg.steering,
+                                 cfg.analysis.seed, dense=dense)
+    return out
 
 
-def _timed(row: dict, fit, started: float) -> dict:
-    row.update(train_seconds=fit.train_seconds or None,
-               train_tokens_per_s=(fit.train_tokens / fit.train_seconds
-                                   if fit.train_tokens and fit.train_seconds else None),
-               score_seconds=round(time.perf_counter() - started, 1))
-    print(f"scored {row['method']} in {row['score_seconds']}s", flush=True)
-    return row
+def _site_norms(model: Any, tokenizer: Any, texts: list[str], sites: list[str]
+                ) -> dict[str, float]:
+    """Each site's mean activation norm on ``texts`` (the base model): the unit of ``add``."""
+    import numpy as np
+
+    from codebook.extraction import extract_windows, tokenise_documents
+
+    windows = tokenise_documents(list(texts), 0, tokenizer, 256)
+    res = extract_windows(model, windows, sites, sites)
+    return {s: float(np.linalg.norm(np.asarray(res["acts"][s], dtype=np.float32), axis=1)
+                     .mean()) for s in sites}
 
 
 def _write(cfg, out: Path, summary: dict, reports: dict) -> dict:
-    """table.md, table.json, reports.json; the MLflow parent run and a child per method; the
-    table and the JSON summary printed (the JSON last)."""
-    from codebook.compare.score import markdown_table
-    from codebook.io import atomic_write
+    """table.md, table.json, reports.json, curves.png; the MLflow parent run and a child per
+    row (method, L0 multiple, seed); the tables and the JSON summary printed (the JSON last)."""
+    from codebook.compare.report import render
     from codebook.tracking import MLflowLogger, default_tracking_uri, finish_run, start_run
 
-    rows = summary["rows"]
-    table = markdown_table(rows, summary["task"])
+    table = render(summary, out / "curves.png")
     with atomic_write(out / "table.md") as fh:
         fh.write(table + "\n")
     if reports:
@@ -294,17 +282,31 @@ def _write(cfg, out: Path, summary: dict, reports: dict) -> dict:
     uri = cfg.tracking_uri or default_tracking_uri(None, out)
     parent = start_run(uri, cfg.experiment, f"compare-{cfg.name}",
                        {"sites": ",".join(summary["sites"]), "task": summary["task"]}, {})
-    for row in rows:
-        child = start_run(uri, cfg.experiment, row["method"], {"method": row["method"]},
+    for row in summary["rows"]:
+        child = start_run(uri, cfg.experiment, f"{row['method']}-s{row['seed']}",
+                          {"method": row["method"], "seed": str(row["seed"]),
+                           "l0_multiple": str(row["multiple"])},
                           {"mlflow.parentRunId": parent})
         MLflowLogger(uri, child).log(0, {k: float(v) for k, v in row.items()
                                          if isinstance(v, int | float) and v is not None})
         finish_run(uri, child)
     summary["mlflow_run_id"] = parent
     with atomic_write(out / "table.json") as fh:
-        json.dump(summary, fh, indent=2)
+        json.dump(summary, fh, indent=2, default=_json_default)
     finish_run(uri, parent, artifacts={"compare": out / "table.md",
-                                       "compare_json": out / "table.json"})
+                                       "compare_json": out / "table.json",
+                                       "compare_curves": out / "curves.png"})
     print(table, flush=True)
-    print(json.dumps(summary), flush=True)
+    print(json.dumps(summary, default=_json_default), flush=True)
     return summary
+
+
+def _json_default(value: Any) -> Any:
+    """numpy scalars and arrays as Python values."""
+    import numpy as np
+
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"not JSON-able: {type(value).__name__}")

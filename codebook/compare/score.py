@@ -4,24 +4,28 @@ test half) turned into one row per method, and the rows as a Markdown table.
 
 Conventions, the same for every method:
 - reconstruction: L0, FVE, dead share, and with only one site's dictionary spliced in (mean over
-  sites) or all of them at once, CE loss recovered against zero ablation and KL to the clean
-  model. "Clean" is the same weights with every dictionary out: the frozen base model for the
-  cache-trained methods, the finetuned weights with the codebooks off for ``codebook``;
+  sites) or all of them at once, CE loss recovered against zero ablation and KL to the same
+  weights with every dictionary out (the field's convention: the frozen base for the
+  cache-trained methods, the finetuned weights for ``codebook``); and, one reference for all,
+  the CE loss with every dictionary in against the plain-finetune control's
+  (``ce_gap_control``, ``codebook.compare.rows``);
 - FSM states as classifiers: each state's best feature (a code, an SAE latent: "fires" = among
   the active top-k) with recall >= ``min_recall`` on the selection half, its precision on the
   test half; neurons at the recall of the codebook's best code per state (a threshold on one
   unit, chosen on the selection half);
 - interventions: at an occurrence of state a in a test-half sequence, a's dedicated features
   (precision >= 0.95 on the selection half) are replaced by b's at every site where both have
-  one (an SAE latent takes its mean active value, a's is zeroed); success, JSD to b, and
-  features changed against active features per input. The random-feature control changes the
-  same slots to random features. ``neuron`` has no sparse features to swap: None.
+  one (an SAE latent takes its mean active value, a's is zeroed); success, JSD to b, the share
+  of the distance to b's distribution closed (``*_jsd_shift``), top-E overlap, and features
+  changed against active features per input. The random-feature control changes the same slots
+  to random features; ``dose``: the graded ladder (dedicated, every state-linked feature, b's
+  features written site by site up to the full swap, where an SAE's latents carry b's recorded
+  values). ``neuron`` has no sparse features to swap: None.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -34,25 +38,6 @@ from codebook.analysis.fsm.states import collect_state_data
 from codebook.analysis.heldout import split_halves
 from codebook.data.fsm import TokFSM
 from codebook.model import CodebookModel
-
-RECONSTRUCTION = (
-    ("method", "method"), ("l0", "L0"), ("dictionary_size", "dict. size"), ("fve", "FVE"),
-    ("dead_fraction", "dead"), ("ce_loss_recovered", "CE rec. (1 site)"),
-    ("kl", "KL (1 site)"), ("ce_loss_recovered_all", "CE rec. (all)"), ("kl_all", "KL (all)"))
-TIMES = (("train_seconds", "train s"), ("train_tokens_per_s", "tok/s"))
-COLUMNS = {  # (key, header) of the Markdown table per task, in order
-    "fsm": RECONSTRUCTION + (
-        ("first_transition_accuracy", "FTA"), ("state_precision_test", "state prec. (test)"),
-        ("state_precision_selection", "(selection)"), ("state_precision_null", "null"),
-        ("swap_success", "swap success"), ("swap_jsd", "swap JSD"),
-        ("features_changed", "changed / active"), ("random_success", "random ctrl")) + TIMES,
-    "text": RECONSTRUCTION + (
-        ("ce_loss_on", "CE on (all)"), ("ce_loss_off", "CE clean"),
-        ("regex_precision_test", "regex prec. (test)"),
-        ("regex_precision_selection", "(selection)"), ("regex_coverage", "coverage"),
-        ("steering_baseline_rate", "topic rate (base)"), ("steering_rate", "(steered)"),
-        ("steering_topics_ge_060", "topics >= 0.6")) + TIMES,
-}
 
 
 def fsm_row(method: str, model: CodebookModel, fsm: TokFSM, tokens: torch.Tensor,
@@ -79,6 +64,13 @@ def fsm_row(method: str, model: CodebookModel, fsm: TokFSM, tokens: torch.Tensor
         "states_classified": rep.states_classified,
         "swap_success": rep.intervention_state_codes_success_rate,
         "swap_jsd": rep.intervention_state_codes_jsd_normalised,
+        "swap_jsd_shift": rep.intervention_state_codes_jsd_shift,
+        "swap_overlap": rep.intervention_state_codes_mean_overlap,
+        "full_swap_jsd_shift": rep.intervention_full_swap_jsd_shift,
+        "random_jsd_shift": rep.intervention_random_codes_jsd_shift,
+        "dose": {k: {"success": v["success_rate"], "jsd_shift": v["jsd_shift"],
+                     "overlap": v["mean_overlap"], "changed": v.get("codes_changed_mean")}
+                 for k, v in rep.intervention_dose.items()},
         "swap_clean_success": rep.intervention_state_codes["clean"]["success_rate"],
         "features_changed": rep.intervention_codes_changed_mean,
         "features_active": rep.intervention_active_codes_mean,
@@ -114,35 +106,11 @@ def neuron_row(model: CodebookModel, fsm: TokFSM, tokens: torch.Tensor, settings
         "state_precision_test": precision_summary(res["precision_test"])["mean"],
         "state_precision_selection": res["summary"]["mean"],
         "state_precision_null": None, "swap_success": None, "swap_jsd": None,
+        "swap_jsd_shift": None, "full_swap_jsd_shift": None, "random_jsd_shift": None,
         "features_changed": None, "features_active": None, "random_success": None,
         "full_swap_success": None, "swap_single_site_best": None,
         "note": "the site's own units; nothing to splice or swap",
     }
-
-
-def markdown_table(rows: Sequence[Mapping[str, Any]], task: str = "fsm") -> str:
-    """The rows as one Markdown table (``COLUMNS[task]``)."""
-    columns = COLUMNS[task]
-    head = "| " + " | ".join(h for _, h in columns) + " |"
-    rule = "|" + "---|" * len(columns)
-    lines = [head, rule]
-    for row in rows:
-        cells = []
-        for key, _ in columns:
-            if key == "features_changed":
-                cells.append(_fmt(row.get(key)) + " / " + _fmt(row.get("features_active")))
-            else:
-                cells.append(_fmt(row.get(key)))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def _fmt(v: Any) -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.0f}" if abs(v) >= 1000 else f"{v:.4g}" if abs(v) < 0.01 else f"{v:.3f}"
-    return str(v)
 
 
 def _mean(values: Any) -> float | None:

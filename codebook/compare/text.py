@@ -119,24 +119,46 @@ def regex_scores(model: CodebookModel, blocks: TextBlocks, seed: int, test_fract
             p_test[f] = p[0]
         return {"precision_selection": p_sel, "precision_test": p_test, "recall_test": None,
                 "units_nonzero": units}
-    best = np.full(nf, -np.inf)
+    best, best_f1 = np.full(nf, -np.inf), np.full(nf, -np.inf)
     p_test, r_test = np.full(nf, np.nan), np.full(nf, np.nan)
     p_sel, r_sel = np.full(nf, np.nan), np.full(nf, np.nan)
+    f1_test = np.full(nf, np.nan)
     for name, arr in codes.items():
         size = model.codebooks[name].num_codes
         for g in range(arr.shape[1]):
             stats = code_feature_stats(arr[sel, g], labels[sel], size, nf)
             code, p, r = best_code_per_label(stats, min_recall=min_recall)
             better = np.isfinite(p) & (p > best)
-            if not better.any():
-                continue
-            pt, rt = code_scores_at(arr[test, g], labels[test], np.where(better, code, -1),
-                                    size, nf)
-            best[better] = p[better]
-            p_sel[better], r_sel[better] = p[better], r[better]
-            p_test[better], r_test[better] = pt[better], rt[better]
+            if better.any():
+                pt, rt = code_scores_at(arr[test, g], labels[test],
+                                        np.where(better, code, -1), size, nf)
+                best[better] = p[better]
+                p_sel[better], r_sel[better] = p[better], r[better]
+                p_test[better], r_test[better] = pt[better], rt[better]
+            # the best code by F1 (same recall floor), chosen and scored apart
+            code, p, r = best_code_per_label(stats, min_recall=min_recall, by="f1")
+            f1 = _f1(p, r)
+            better = np.isfinite(f1) & (f1 > best_f1)
+            if better.any():
+                pt, rt = code_scores_at(arr[test, g], labels[test],
+                                        np.where(better, code, -1), size, nf)
+                best_f1[better] = f1[better]
+                f1_test[better] = np.nan_to_num(_f1(pt, rt))[better]
     return {"precision_selection": p_sel, "recall_selection": r_sel,
-            "precision_test": p_test, "recall_test": r_test, "units_nonzero": units}
+            "precision_test": p_test, "recall_test": r_test, "f1_test": f1_test,
+            "units_nonzero": units}
+
+
+def _f1(p: np.ndarray, r: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(p + r > 0, 2 * p * r / (p + r), 0.0) * np.where(np.isfinite(p), 1, np.nan)
+
+
+def _per_feature(names: list[str], values: np.ndarray | None) -> dict[str, float | None]:
+    if values is None:
+        return {}
+    return {n: None if not np.isfinite(v) else float(v)
+            for n, v in zip(names, values, strict=True)}
 
 
 def text_row(method: str, model: CodebookModel, blocks: TextBlocks, seed: int,
@@ -162,7 +184,8 @@ def text_row(method: str, model: CodebookModel, blocks: TextBlocks, seed: int,
            "regex_precision_selection": float(np.nanmean(reg["precision_selection"]))
            if np.isfinite(reg["precision_selection"]).any() else None,
            "regex_coverage": float(has.mean()), "units_nonzero": reg["units_nonzero"],
-           "regex_per_feature": {n: None if not np.isfinite(p) else float(p)
-                                 for n, p in zip(blocks.names, reg["precision_test"],
-                                                 strict=True)}}
+           "regex_per_feature": _per_feature(blocks.names, reg["precision_test"]),
+           "regex_f1_per_feature": _per_feature(blocks.names, reg.get("f1_test")),
+           "regex_f1_test": float(np.nanmean(reg["f1_test"]))
+           if "f1_test" in reg and np.isfinite(reg["f1_test"]).any() else None}
     return row, reg.get("recall_selection", np.full(len(blocks.names), np.nan))

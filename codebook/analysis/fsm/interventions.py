@@ -65,12 +65,15 @@ Edit = Callable[[ExitStack, int, int], list[list[torch.Tensor]]]
 
 
 def _patch(source: Mapping[str, torch.Tensor], positions: Sequence[int],
-           model: CodebookModel) -> Edit:
-    """Every code at ``source``'s sites and ``positions`` taken from ``source`` (row-aligned)."""
+           model: CodebookModel, values: Mapping[str, torch.Tensor] | None = None) -> Edit:
+    """Every code at ``source``'s sites and ``positions`` taken from ``source`` (row-aligned),
+    with its recorded ``values`` (an SAE latent's activation; codebook codes ignore them)."""
     def edit(stack: ExitStack, start: int, stop: int) -> list[list[torch.Tensor]]:
+        device = device_of(model)
         for site, src in source.items():
-            stack.enter_context(patch_codes(model, site, src[start:stop].to(device_of(model)),
-                                            positions=list(positions)))
+            val = None if values is None else values[site][start:stop].to(device)
+            stack.enter_context(patch_codes(model, site, src[start:stop].to(device),
+                                            positions=list(positions), values=val))
         return []
     return edit
 
@@ -126,6 +129,7 @@ def intervention_experiment(
     context: tuple[Any, Sequence[int]] | None = None,
     seed: int = 0,
     max_context_states: int = 6,
+    linked: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Patch state b into state a's input; see ``codebook.analysis.fsm``.
 
@@ -136,7 +140,17 @@ def intervention_experiment(
     ``overlap_with_a``, ``agreement_with_b`` (with the model's own top-E for b),
     ``jsd_normalised`` (next-state distribution vs b's) and ``next_token_jsd_normalised`` (at
     the state's last digit), ``codes_changed_mean`` (code slots the edit changed per input)
-    and ``inputs_changed_rate`` (inputs with at least one slot changed).
+    and ``inputs_changed_rate`` (inputs with at least one slot changed); and against the same
+    inputs unpatched, ``jsd_shift``: how much of the distance to b's distribution the patch
+    closed (1 - JSD / JSD unpatched, per input, mean: 1 = at b's, 0 = unmoved, below 0 =
+    further away; the paper's graded measure). A patch writes b's codes, and where a layer's
+    features carry magnitudes (an SAE's latents) b's recorded values.
+
+    With ``dedicated`` and ``linked`` ({site: (groups, S)} each state's best code in each
+    codebook, whatever its precision) also ``dose`` on the short inputs: a's dedicated codes
+    swapped for b's, then every state-linked code of a for b's, then b's codes patched in
+    codebook by codebook (``sites:1`` .. ``sites:N``, forward order, cumulative), the last
+    being the full swap.
 
     With ``dedicated`` ({site: (groups, S) code dedicated to each state in each codebook, -1
     none}) also ``state_codes`` {``by_site``, ``all``}: only a's dedicated codes are replaced,
@@ -161,20 +175,32 @@ def intervention_experiment(
     x_a, x_b = _state_inputs(fsm, a, prefixes), _state_inputs(fsm, b, prefixes)
     with eval_mode(model):
         rows = max(1, batch_tokens // x_b.shape[1])
-        source = _read_rows(model, x_b, names, rows)
+        source, values = _read_rows(model, x_b, names, rows, scores=True)
         own, own_token, _ = _short_scores(model, fsm, _state_inputs(
             fsm, np.arange(fsm.num_states), prefixes), None, batch_tokens)
         score = _Scorer(fsm, own, own_token, hits_needed(success_overlap, e))
+        full = spans["state+next"]
         plan: list[tuple[str, str, Edit | None]] = [("clean", "", None)]
-        plan += [("by_span", key, _patch(source, spans[key], model)) for key in spans]
-        plan += [("by_site", name, _patch({name: source[name]}, spans["state+next"], model))
+        plan += [("by_span", key, _patch(source, spans[key], model, values)) for key in spans]
+        plan += [("by_site", name, _patch({name: source[name]}, full, model, values))
                  for name in names]
-        out: dict[str, Any] = {"clean": None, "by_span": {}, "by_site": {}}
+        if dedicated is not None and linked is not None:
+            n_prefix = len(prefixes)
+            for key, table in (("dedicated", dedicated), ("linked", linked)):
+                plan.append(("dose", key, _swap(
+                    {n: _swap_tables(table[n], a, b, n_prefix) for n in names}, full, model)))
+            plan += [("dose", f"sites:{j}", _patch({n: source[n] for n in names[:j]}, full,
+                                                    model, values))
+                     for j in range(1, len(names) + 1)]
+        out: dict[str, Any] = {"clean": None, "by_span": {}, "by_site": {}, "dose": {}}
+        clean_jsd = None
         for group, key, edit in progress(plan, "interventions", unit="patch"):
             logp, token_lp, changed = _short_scores(model, fsm, x_a, edit, batch_tokens)
-            res = score(logp, token_lp, a, b)  # a patch replaces every code it covers
+            swapped = group == "dose" and key in ("dedicated", "linked")
+            res = score(logp, token_lp, a, b, changed if swapped else None,
+                        reference=clean_jsd)
             if group == "clean":
-                out[group] = res
+                out[group], clean_jsd = res, score.jsd(logp, b)
             else:
                 out[group][key] = res
         out.update({"b_itself": score(own[b], own_token[b], b, b), "n": len(a),
@@ -197,19 +223,30 @@ class _Scorer:
         self.fsm, self.own, self.own_token, self.need = fsm, own, own_token, need
         self.own_top = top_mask(own, fsm.num_edges)
 
+    def jsd(self, logp: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Per input, the normalised JSD of the next-state distribution to b's own."""
+        return np.clip(normalised_jsd(np.exp(logp), np.exp(self.own[b]), axis=1), 0.0, 1.0)
+
     def __call__(self, logp: np.ndarray, token_lp: np.ndarray, a: np.ndarray, b: np.ndarray,
-                 changed: np.ndarray | None = None) -> dict[str, Any]:
+                 changed: np.ndarray | None = None, reference: np.ndarray | None = None
+                 ) -> dict[str, Any]:
+        """``reference``: the same inputs' per-input JSD unpatched (gives ``jsd_shift``)."""
         fsm, e = self.fsm, self.fsm.num_edges
         over_b = overlaps(fsm, logp, b)
         agree = (top_mask(logp, e) & self.own_top[b]).sum(axis=1) / e
-        jsd = normalised_jsd(np.exp(logp), np.exp(self.own[b]), axis=1)
+        jsd = self.jsd(logp, b)
         tok_jsd = normalised_jsd(np.exp(token_lp), np.exp(self.own_token[b]), axis=1)
+        shift = None
+        if reference is not None:
+            moved = reference > 1e-6
+            shift = float((1 - jsd[moved] / reference[moved]).mean()) if moved.any() else None
         return {
             "success_rate": float((over_b * e >= self.need - 1e-9).mean()),
             "mean_overlap": float(over_b.mean()),
             "overlap_with_a": float(overlaps(fsm, logp, a).mean()),
             "agreement_with_b": float(agree.mean()),
-            "jsd_normalised": float(np.clip(jsd, 0.0, 1.0).mean()),
+            "jsd_normalised": float(jsd.mean()),
+            "jsd_shift": shift,
             "next_token_jsd_normalised": float(np.clip(tok_jsd, 0.0, 1.0).mean()),
             "codes_changed_mean": None if changed is None else float(changed.mean()),
             "inputs_changed_rate": None if changed is None else float((changed > 0).mean()),
@@ -283,9 +320,12 @@ def _state_code_swaps(model: CodebookModel, inputs: list[_SwapInputs], names: li
     active_mean = float(sum(active) / sum(inp.x.shape[0] for inp in inputs))
     out: dict[str, Any] = {"state_codes": {"by_site": {}}, "random_codes": {"by_site": {}},
                            "active_codes_mean": active_mean}
+    clean = np.concatenate([p[0] for p in results[("state_codes_clean", "")]])
+    reference = score.jsd(clean, b)
     for (group, key), parts in results.items():
         logp, token_lp, changed = (np.concatenate(p) for p in zip(*parts, strict=True))
-        res = score(logp, token_lp, a, b, None if group == "state_codes_clean" else changed)
+        res = score(logp, token_lp, a, b, None if group == "state_codes_clean" else changed,
+                    reference=reference)
         if group == "state_codes_clean":
             out[group] = res
         elif key == "all":
@@ -328,13 +368,19 @@ def _active_codes(model: CodebookModel, x: torch.Tensor, names: list[str], span:
     return float(per_row.float().mean())
 
 
-def _read_rows(model: CodebookModel, tok: torch.Tensor, names: list[str],
-               batch_size: int) -> dict[str, torch.Tensor]:
-    """Codes {site: (n, T, groups, k)} the model chooses on ``tok``, in batches."""
+def _read_rows(model: CodebookModel, tok: torch.Tensor, names: list[str], batch_size: int,
+               scores: bool = False) -> Any:
+    """Codes {site: (n, T, groups, k)} the model chooses on ``tok``, in batches; with
+    ``scores`` also their recorded scores (an SAE latent's: its value), as a pair."""
     device = device_of(model)
     parts: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    vals: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     for start in range(0, tok.shape[0], batch_size):
-        rec = read_codes(model, tok[start : start + batch_size].to(device), sites=names)
+        rec = read_codes(model, tok[start : start + batch_size].to(device), sites=names,
+                         scores=scores)
         for n in names:
             parts[n].append(rec.codes[n].cpu())
-    return {n: torch.cat(v) for n, v in parts.items()}
+            if scores:
+                vals[n].append(rec.scores[n].cpu())
+    codes = {n: torch.cat(v) for n, v in parts.items()}
+    return (codes, {n: torch.cat(v) for n, v in vals.items()}) if scores else codes

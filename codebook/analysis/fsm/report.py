@@ -133,11 +133,19 @@ class FSMReport:
     codebooks_considered: int
     intervention_state_codes_success_rate: float
     intervention_state_codes_jsd_normalised: float
+    intervention_state_codes_jsd_shift: float  # share of the distance to b's closed
+    intervention_state_codes_mean_overlap: float  # top-E predictions among b's neighbours
     intervention_codes_changed_mean: float
     intervention_active_codes_mean: float
     intervention_single_site_best_success_rate: float  # state codes, best single site
     intervention_full_swap_success_rate: float
+    intervention_full_swap_jsd_shift: float
     intervention_random_codes_success_rate: float
+    intervention_random_codes_jsd_shift: float
+    # The dose-response on the short inputs: "dedicated" (a's dedicated codes -> b's),
+    # "linked" (a's best code in every codebook -> b's), "sites:j" (b's codes patched in the
+    # first j sites, forward order; the last is the full swap)
+    intervention_dose: dict[str, Metrics]
     # {"by_site": {site: metrics}, "all": metrics, "clean": the same inputs unpatched}
     intervention_state_codes: dict[str, Any]
     intervention_random_codes: dict[str, Any]
@@ -225,9 +233,10 @@ def fsm_report(
     pairs, mode = select_pairs(cls["dedicated_by_site"], range(fsm.num_states), st.max_pairs,
                                rng)
     dedicated = _dedicated_tables(cls, names, model, fsm)
+    linked = _dedicated_tables(cls, names, model, fsm, linked=True)
     inter = intervention_experiment(model, fsm, pairs, names, st.success_overlap, batch_tokens,
                                     dedicated=dedicated, context=(tok.numpy(), test_seq),
-                                    seed=st.seed)
+                                    seed=st.seed, linked=linked)
     headline = inter["by_span"]["state+next"]
     swap = {**inter["state_codes"], "clean": inter["state_codes_clean"]}
     cp, ns, nr = cls["code_precision"], neurons["sites"]["summary"], neurons["residual"]["summary"]
@@ -261,12 +270,17 @@ def fsm_report(
         states_classified=cp["n"], codebooks_considered=len(cls["codebooks"]),
         intervention_state_codes_success_rate=swap["all"]["success_rate"],
         intervention_state_codes_jsd_normalised=swap["all"]["jsd_normalised"],
+        intervention_state_codes_jsd_shift=_num(swap["all"]["jsd_shift"]),
+        intervention_state_codes_mean_overlap=swap["all"]["mean_overlap"],
         intervention_codes_changed_mean=swap["all"]["codes_changed_mean"],
         intervention_active_codes_mean=inter["active_codes_mean"],
         intervention_single_site_best_success_rate=max(
             (m["success_rate"] for m in swap["by_site"].values()), default=math.nan),
         intervention_full_swap_success_rate=headline["success_rate"],
+        intervention_full_swap_jsd_shift=_num(headline["jsd_shift"]),
         intervention_random_codes_success_rate=inter["random_codes"]["all"]["success_rate"],
+        intervention_random_codes_jsd_shift=_num(inter["random_codes"]["all"]["jsd_shift"]),
+        intervention_dose=inter["dose"],
         intervention_state_codes=swap, intervention_random_codes=inter["random_codes"],
         fve_mean=dictionary["fve"], ce_loss_recovered_mean=dictionary["ce_loss_recovered"],
         dictionary_overall={k: v for k, v in dictionary.items() if k != "sites"},
@@ -369,14 +383,19 @@ def neurons_held_out(acts: np.ndarray, columns: Mapping[str, tuple[int, int]],
 
 
 def _dedicated_tables(cls: Mapping[str, Any], names: Sequence[str], model: CodebookModel,
-                      fsm: TokFSM) -> dict[str, np.ndarray]:
-    """{site: (groups, S)} the code dedicated to each state in each codebook, -1 none."""
+                      fsm: TokFSM, linked: bool = False) -> dict[str, np.ndarray]:
+    """{site: (groups, S)} the code dedicated to each state in each codebook, -1 none; with
+    ``linked`` each state's best code there (recall >= min_recall), whatever its precision."""
     tables = {n: np.full((model.codebooks[n].groups, fsm.num_states), -1, dtype=np.int64)
               for n in names}
     code, dedicated = cls["per_codebook"]["code"], cls["per_codebook"]["dedicated"]
     for i, (site, group) in enumerate(cls["codebooks"]):
-        tables[site][group] = np.where(dedicated[i], code[i], -1)
+        tables[site][group] = code[i] if linked else np.where(dedicated[i], code[i], -1)
     return tables
+
+
+def _num(value: float | None) -> float:
+    return math.nan if value is None else float(value)
 
 
 def run_fsm_analysis(
