@@ -25,31 +25,6 @@ from codebook.errors import ConfigError  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
-def quick_overrides(data_dir: Path) -> list[str]:
-    """``--quick``: a tiny GPT-NeoX pretrained from scratch on a synthetic corpus (written to
-    ``data_dir`` with a BPE learnt on it, no download), and every row a few steps."""
-    from codebook.data.synthetic import synthetic_documents, write_synthetic_corpus
-    from codebook.data.text import load_tokenizer, save_tokenizer, train_bpe_tokenizer
-
-    corpus, tok_dir = data_dir / "corpus", data_dir / "tokenizer"
-    write_synthetic_corpus(corpus, n_docs=40)
-    if not (tok_dir / "tokenizer.json").is_file():
-        save_tokenizer(train_bpe_tokenizer(synthetic_documents(40), 384), tok_dir,
-                       lambda tok: None)
-    vocab = len(load_tokenizer(str(tok_dir)))
-    tiny = ("{model_type: gpt_neox, hidden_size: 32, num_hidden_layers: 2, "
-            "num_attention_heads: 4, intermediate_size: 64, max_position_embeddings: 64, "
-            f"rotary_pct: 0.25, bos_token_id: 0, eos_token_id: 0, vocab_size: {vocab}}}")
-    return ["model.name_or_path=null", "model.gguf_file=null", f"model.from_config={tiny}",
-            f"model.tokenizer={tok_dir}", "data.source=text", f"data.paths=[{corpus}]",
-            "data.hf_dataset=null", "data.hf_config=null", "data.block_size=32",
-            "data.eval_blocks=8", "data.heldout_fraction=0.2", "run.max_steps=12",
-            "run.log_every=4", "run.eval_every=12", "run.checkpoint_every=6",
-            "run.cpus_per_worker=1", "optim.batch_size=4", "optim.warmup_steps=0",
-            "codebook.num_codes=128", "codebook.kmeans_init_batches=2",
-            "deepspeed.enabled=false"]
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(REPO / "configs" / "lm_table" / "text4.yaml"))
@@ -64,6 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     from codebook.lm_table.config import load_lm_table_config
+    from codebook.lm_table.quick import quick_overrides
     from codebook.lm_table.runner import prepare, run
 
     try:

@@ -186,3 +186,21 @@ def test_quick_table_trains_scores_logs_and_reruns(tmp_path):
     row = next(r for r in resumed["rows"] if r["row"] == "mlp_4x_k2")
     assert row["resumed"] is True and np.isfinite(row["loss"])
     assert json.loads((run_dir / "training.json").read_text())["resumed"] is True
+
+
+@pytest.mark.slow
+def test_gpu_call_rehearsal_on_cpu(tmp_path, capsys):
+    """benchmarks/lm_table_gpu.py, the SmolLM2 GPU call, on tiny shapes: the same runner with
+    the loop in this process (no Ray, no MLflow), a tokens/s line per trained run."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import lm_table_gpu
+
+    summary = lm_table_gpu.main(["--config", str(REPO / "configs/lm_table/smollm2_gpu.yaml"),
+                                 "--quick", "--device", "cpu", "--out", str(tmp_path)])
+    assert [r["row"] for r in summary["rows"]] == ["pretrained", "finetuned", "attn_heads_k8"]
+    assert summary["mlflow_run_id"] is None and not (tmp_path / "mlflow.db").exists()
+    runs = [json.loads(line) for line in capsys.readouterr().out.splitlines()
+            if line.startswith('{"run"')]
+    assert [r["run"] for r in runs] == ["pretrain", "finetuned", "attn_heads_k8"]
+    assert all(r["tokens_per_s"] > 0 for r in runs)
+    assert summary["rows"][2]["l0"] == pytest.approx(4 * 8)  # 4 heads x k=8 per site

@@ -18,7 +18,7 @@ COLUMNS = (  # (key, header)
     ("loss_gap", "loss - finetuned"), ("accuracy_gap_pct", "acc. - finetuned"),
     ("l0", "L0"), ("fve", "FVE"), ("dead_fraction", "dead"),
     ("loss_codebooks_off", "loss, codebooks off"), ("tokens", "tokens"),
-    ("train_minutes", "train min"))
+    ("train_minutes", "train min"), ("tokens_per_s", "tok/s"))
 
 
 def with_gaps(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -33,6 +33,7 @@ def with_gaps(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             r["accuracy_gap_pct"] = 100 * (r["accuracy"] - ref["accuracy"])
         seconds = r.get("train_seconds")
         r["train_minutes"] = None if seconds is None else seconds / 60
+        r["tokens_per_s"] = r["tokens"] / seconds if seconds and r.get("tokens") else None
         out.append(r)
     return out
 
@@ -133,6 +134,8 @@ def _fmt(key: str, v: Any) -> str:
         return f"{v:.2f}"
     if key == "l0":
         return f"{v:.1f}"
+    if key == "tokens_per_s":
+        return f"{v:.0f}"
     if isinstance(v, float):
         return f"{v:.3f}" if abs(v) < 1000 else f"{v:.0f}"
     return str(v)

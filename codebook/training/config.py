@@ -113,7 +113,9 @@ class DeepSpeedSection:
     zero_stage: int = 0
     offload_optimizer: bool = False
     offload_params: bool = False
-    bf16: bool | None = None  # None: bf16 on GPU, fp32 on CPU
+    # None: bf16 on GPU, fp32 on CPU. With deepspeed.enabled false, true runs the forward pass
+    # under bf16 autocast on a GPU (fp32 master weights).
+    bf16: bool | None = None
 
 
 @dataclass

@@ -98,9 +98,13 @@ class TorchEngine:
         ) if distributed else model
         self.micro = 0
         self.dtype = torch.float32
+        # bf16 without DeepSpeed (e.g. a GPU box without it): the forward pass under autocast,
+        # fp32 master weights and optimizer; the codebooks score in fp32 whatever the dtype.
+        self.autocast = bool(cfg.deepspeed.bf16) and device.type == "cuda"
 
     def __call__(self, **batch: torch.Tensor):
-        return self.wrapped(**batch)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+            return self.wrapped(**batch)
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.cfg.optim.grad_accum).backward()
