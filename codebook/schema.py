@@ -106,6 +106,21 @@ def read_yaml(path: str | Path, where: str, fix: str) -> Any:
         raise ConfigError(where, f"cannot read {path}: {err}", fix) from err
 
 
+def load_overridden(cls: type[T], path: str | Path, overrides: list[str] | None,
+                    folder: str) -> T:
+    """A YAML file of shape ``cls`` with ``key=value`` overrides (values read as YAML), built
+    and checked; ``folder`` names where such files live, for the error messages."""
+    data = read_yaml(path, "--config", f"pass a YAML file (see {folder})")
+    if not isinstance(data, dict):
+        raise ConfigError("--config", f"{path} is not a mapping", f"see {folder}")
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError("--set", f"got {item!r}", "use key=value")
+        set_dotted(data, key, yaml.safe_load(value))
+    return build(cls, data, "")
+
+
 def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     """``data["a"]["b"] = value`` for ``key`` "a.b", creating sections as needed."""
     parts = key.split(".")

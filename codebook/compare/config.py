@@ -20,8 +20,7 @@ from pathlib import Path
 
 from codebook.compare.fitting import FitOptions
 from codebook.compare.methods import METHODS
-from codebook.errors import ConfigError
-from codebook.schema import build, read_yaml, set_dotted
+from codebook.schema import load_overridden
 
 
 @dataclass
@@ -116,14 +115,4 @@ class CompareConfig:
 
 def load_compare_config(path: str | Path, overrides: list[str] | None = None) -> CompareConfig:
     """Read, override (``key=value``, YAML values) and check a comparison file."""
-    import yaml
-
-    data = read_yaml(path, "--config", "pass a YAML file (see configs/compare/)")
-    if not isinstance(data, dict):
-        raise ConfigError("--config", f"{path} is not a mapping", "see configs/compare/")
-    for item in overrides or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError("--set", f"got {item!r}", "use key=value")
-        set_dotted(data, key, yaml.safe_load(value))
-    return build(CompareConfig, data, "")
+    return load_overridden(CompareConfig, path, overrides, "configs/compare/")

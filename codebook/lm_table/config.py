@@ -15,8 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from codebook.errors import ConfigError
-from codebook.schema import build, read_yaml, set_dotted
+from codebook.schema import load_overridden
 
 RESERVED_ROWS = ("pretrained", "finetuned")
 
@@ -62,14 +61,4 @@ class LMTableConfig:
 
 def load_lm_table_config(path: str | Path, overrides: list[str] | None = None) -> LMTableConfig:
     """Read, override (``key=value``, YAML values) and check an LM-table file."""
-    import yaml
-
-    data = read_yaml(path, "--config", "pass a YAML file (see configs/lm_table/)")
-    if not isinstance(data, dict):
-        raise ConfigError("--config", f"{path} is not a mapping", "see configs/lm_table/")
-    for item in overrides or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError("--set", f"got {item!r}", "use key=value")
-        set_dotted(data, key, yaml.safe_load(value))
-    return build(LMTableConfig, data, "")
+    return load_overridden(LMTableConfig, path, overrides, "configs/lm_table/")
