@@ -49,8 +49,9 @@ def test_topk_indices_equals_torch_topk_and_argmax(n, k):
 
 
 def test_block_sizes_are_simd_multiples_and_skip_where_blocks_do_not_pay():
-    assert _block_size(10000, 8) == 128 and _block_size(3000, 1) == 128
-    assert _block_size(3000, 8) == 64  # 47 blocks of 64 >= 4k = 32
+    assert _block_size(10000, 1) == 128 and _block_size(3000, 1) == 128
+    assert _block_size(10000, 8) == 64 and _block_size(3000, 8) == 64  # 47 blocks >= 4k
+    assert _block_size(1500, 8) == 32  # 24 blocks of 64 < 4k = 32; 47 of 32
     assert _block_size(700, 8) is None and _block_size(10000, 40) is None
 
 
@@ -272,3 +273,20 @@ def test_a_region_recomputed_twice_replays_the_same_codes_both_times():
         grads[mode] = (first, block.first.codes.grad, block.second.codes.grad, x.grad)
     for plain, reused in zip(grads["plain"], grads["reuse"], strict=True):
         torch.testing.assert_close(reused, plain)
+
+
+def test_cpu_scoring_reuses_one_buffer_across_calls_and_layers():
+    """The CPU path scores into per-thread scratch memory that outlives the call (a fresh
+    buffer over glibc's mmap limit page-faults on every call); layers of other sizes share it
+    and still select exactly."""
+    from codebook.layer import _scratch
+
+    small = make(dim=16, num_codes=300, k=2, groups=2, score="cosine")
+    big = make(dim=32, num_codes=2000, k=3, groups=1, score="euclidean")
+    x_small, x_big = torch.randn(64, 2, 8), torch.randn(64, 1, 32)
+    for layer, x in ((small, x_small), (big, x_big), (small, x_small)):
+        ref = full_scores(layer, x).topk(layer.k, dim=-1).indices
+        assert torch.equal(layer.select(x), ref)
+    first = _scratch("scores", 10, torch.device("cpu")).data_ptr()
+    big.select(x_big)
+    assert _scratch("scores", 10, torch.device("cpu")).data_ptr() == first
