@@ -24,9 +24,7 @@ checkpoint's ``context_fn`` it reuses the codes the forward pass chose instead o
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Sequence
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -35,6 +33,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from codebook.config import SCORE_ALIASES, SCORES, Combine, Score
+from codebook.selection import select_chunked, topk_indices
+from codebook.selection_tape import (
+    in_backward,
+    record_selection,
+    replayed_selection,
+    reuse_selections,
+)
+
+__all__ = ["CHUNK_BYTES", "CodebookLayer", "CodeEditor", "LayerLosses", "reuse_selections",
+           "topk_indices"]
 
 
 class CodeEditor(Protocol):
@@ -141,36 +149,6 @@ class CodebookLayer(nn.Module):
         return self
 
     # ------------------------------------------------------------------ scoring
-    def _score_operands(self, codes: torch.Tensor, width: int
-                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """What scoring needs from the fp32 codes, once per call rather than per chunk: the
-        (groups, group_dim, width) right-hand side, zero past ``num_codes``, and for euclidean
-        the (groups, 1, width) bias ``-|c|^2`` (-inf past ``num_codes``). Rows are ranked by
-        ``x . rhs`` (inner; cosine, whose rhs is ``c/|c|``: ``|x|`` changes no row's order) or
-        by ``x . rhs + bias`` with rhs ``2c`` (euclidean: the order of ``-|x - c|^2``). One
-        pass over the codes writes the (scaled, padded) right-hand side."""
-        g, c = self.groups, self.num_codes
-        bias = None
-        if self.score == "cosine":  # F.normalize's floor on |c|, as a multiplier
-            scale = torch.linalg.vector_norm(codes, dim=-1, keepdim=True).clamp_min_(1e-12)
-            scale = scale.reciprocal_()
-        elif self.score == "euclidean":
-            bias = -torch.linalg.vecdot(codes, codes, dim=-1)
-            scale = 2.0  # exact: the same scores as 2 (x . c)
-        else:
-            scale = None
-        if scale is None and width == c:
-            return codes.transpose(1, 2), None
-        rhs = _scratch("rhs", g * width * self.group_dim, codes.device).view(g, width, -1)
-        if scale is None:
-            rhs[:, :c].copy_(codes)
-        else:
-            torch.mul(codes, scale, out=rhs[:, :c])
-        rhs[:, c:].zero_()
-        if bias is not None:
-            bias = F.pad(bias, (0, width - c), value=float("-inf")).unsqueeze(1)
-        return rhs.transpose(1, 2), bias
-
     def chunk_rows(self, device: torch.device, width: int | None = None) -> int:
         """(token, group) rows scored at once: ``score_chunk_tokens``, or by device,
         ``CHUNK_BYTES`` of fp32 scores of ``width`` (default ``num_codes``) codes. The CPU
@@ -211,53 +189,10 @@ class CodebookLayer(nn.Module):
 
     def _select_torch(self, x: torch.Tensor, k: int, disabled: torch.Tensor | None,
                       blocks: bool = True, per_group: bool | None = None) -> torch.Tensor:
-        """The PyTorch path: each chunk of rows scored into one reused buffer (``addmm`` /
-        ``mm`` with ``out=``, one group at a time; ``per_group=False``, the default off the
-        CPU: ``baddbmm`` / ``bmm`` over all groups), then :func:`topk_indices` on it."""
-        x = x.float()
-        n, g, _ = x.shape
-        block = _block_size(self.num_codes, k) if blocks else None
-        width = self.num_codes if block is None else -(-self.num_codes // block) * block
-        rhs, bias = self._score_operands(self.codes.detach().float(), width)
-        mask = None
-        if disabled is not None:
-            mask = F.pad(disabled, (0, width - self.num_codes), value=True).unsqueeze(1)
-        fill_pad = mask is None and bias is None and width > self.num_codes
-        rows = self.chunk_rows(x.device, width)
-        out = torch.empty(n, g, k, dtype=torch.long, device=x.device)
-        if per_group is None:
-            per_group = x.device.type == "cpu"
-        if per_group:  # one group at a time: in-cache chunks, full-height products
-            buf = _scratch("scores", min(rows, n) * width, x.device)
-            for j in range(g):
-                for start in range(0, n, rows):
-                    xc = x[start:start + rows, j]  # (m, group_dim), a view
-                    s = buf[: xc.shape[0] * width].view(xc.shape[0], width)
-                    if bias is None:
-                        torch.mm(xc, rhs[j], out=s)
-                    else:
-                        torch.addmm(bias[j], xc, rhs[j], out=s)
-                    if mask is not None:
-                        s.masked_fill_(mask[j], float("-inf"))
-                    elif fill_pad:
-                        s[:, self.num_codes:] = float("-inf")
-                    out[start:start + rows, j] = topk_indices(s, k, block)
-            return out
-        tokens = max(1, rows // g)
-        buf = torch.empty(g * min(tokens, n) * width, device=x.device)
-        for start in range(0, n, tokens):
-            xg = x[start:start + tokens].transpose(0, 1)  # (groups, m, group_dim), a view
-            s = buf[: g * xg.shape[1] * width].view(g, xg.shape[1], width)
-            if bias is None:
-                torch.bmm(xg, rhs, out=s)
-            else:
-                torch.baddbmm(bias, xg, rhs, out=s)
-            if mask is not None:
-                s.masked_fill_(mask, float("-inf"))
-            elif fill_pad:
-                s[..., self.num_codes:] = float("-inf")
-            out[start:start + tokens] = topk_indices(s, k, block).transpose(0, 1)
-        return out
+        """The PyTorch path (:func:`codebook.selection.select_chunked`) with this layer's codes,
+        score and chunk size."""
+        return select_chunked(x, self.codes.detach(), k, self.score, disabled,
+                              lambda width: self.chunk_rows(x.device, width), blocks, per_group)
 
     @torch.no_grad()
     def code_scores(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -300,7 +235,7 @@ class CodebookLayer(nn.Module):
         x = x.reshape(-1, self.groups, self.group_dim)
         if self.layer_norm:
             x = F.layer_norm(x, (self.group_dim,))
-        replayed = _replayed_selection(self, x.shape[0]) if _in_backward() else None
+        replayed = replayed_selection(self, x.shape[0]) if in_backward() else None
         if replayed is not None:  # checkpoint recompute: the forward pass's codes
             idx, weight = replayed
         else:
@@ -308,7 +243,7 @@ class CodebookLayer(nn.Module):
             weight = None
             if self.editors:
                 idx, weight = self._apply_editors(idx, lead, positions)
-            _record_selection(self, idx, weight)
+            record_selection(self, idx, weight)
         out = self.lookup(idx, weight).to(x.dtype)
         out32, x32 = out.float(), x.float()
         err = (out32 - x32.detach()).pow(2).sum(dim=(-1, -2))
@@ -318,9 +253,9 @@ class CodebookLayer(nn.Module):
         else:  # the same value ((a - b)^2 = (b - a)^2 exactly), no graph
             commit = recon.detach()
         self.last_losses = LayerLosses(recon=recon, commit=commit)
-        if (self.training or self.track_stats) and not _in_backward():
+        if (self.training or self.track_stats) and not in_backward():
             self._update_stats(x32, out32, idx, weight, err)
-        if self.recording and not _in_backward():
+        if self.recording and not in_backward():
             ids = idx if weight is None else idx.masked_fill(weight == 0, -1)
             self.recorded_codes.append(ids.reshape(*lead, self.groups, -1))
             if self.record_scores:
@@ -464,155 +399,6 @@ class CodebookLayer(nn.Module):
             centroids = centroids / self.k
         self.codes.copy_(centroids)
         self.steps_unused.zero_()
-
-
-def _block_size(n: int, k: int) -> int | None:
-    """Codes per block for :func:`topk_indices` over ``n`` codes, or None where blocks do not
-    pay (large k, few codes). A multiple of the SIMD width: the block maxima are one
-    vectorised pass (blocks of 100 or 125 codes ran 2-4x slower than 128 on CPU); 128 for
-    k = 1, 64 for larger k (its k x block candidates are what the second pass sorts)."""
-    if k > 32:
-        return None
-    for block in (128, 64) if k == 1 else (64, 32):  # k > 1: fewer candidates (k x block)
-        if -(-n // block) >= max(8, 4 * k):
-            return block
-    return None
-
-
-def topk_indices(scores: torch.Tensor, k: int, block: int | None = None) -> torch.Tensor:
-    """Indices of the ``k`` largest scores along the last dim, largest first; as
-    ``scores.topk(k).indices`` (up to ties), in two cheap passes for large dims.
-
-    The last dim is cut into blocks of ``block`` (default :func:`_block_size`; a last dim that
-    is not a multiple is padded with -inf, which a caller avoids by scoring into a padded
-    buffer); the k blocks with the largest maxima hold every top-k score (a block holding one
-    has a maximum >= the k-th largest score, and fewer than k blocks can beat it), so the top-k
-    of those ``k * block`` candidates is exact. One vectorised max over the scores plus small
-    selections replaces a selection over every score: on CPU ``torch.topk`` and ``argmax`` are
-    several times slower than ``amax``, and on a GPU ``torch.topk`` over 10,000 codes was the
-    layer's bottleneck. For k = 1 the two passes are argmaxes.
-    """
-    n = scores.shape[-1]
-    if block is None:
-        block = _block_size(n, k)
-    if block is None:
-        if k == 1:
-            return scores.argmax(-1, keepdim=True)
-        return scores.topk(k, dim=-1).indices
-    if n % block:
-        scores = F.pad(scores, (0, block - n % block), value=float("-inf"))
-    lead = scores.shape[:-1]
-    nblocks = scores.shape[-1] // block
-    rows = scores.reshape(-1, nblocks, block)  # a view of a contiguous score buffer
-    maxima = rows.amax(-1)  # (r, nblocks)
-    r = rows.shape[0]
-    first = torch.arange(r, device=scores.device).unsqueeze(-1) * nblocks
-    if k == 1:
-        best = maxima.argmax(-1, keepdim=True)  # (r, 1)
-        cand = rows.reshape(r * nblocks, block).index_select(0, (first + best).view(-1))
-        return (best * block + cand.argmax(-1, keepdim=True)).view(*lead, 1)
-    best = maxima.topk(k, dim=-1, sorted=False).indices  # (r, k) block ids
-    cand = rows.reshape(r * nblocks, block).index_select(0, (first + best).view(-1))
-    top = cand.view(r, k * block).topk(k, dim=-1).indices  # positions among the candidates
-    ids = best.gather(-1, top // block) * block + top % block
-    return ids.view(*lead, k)
-
-
-# ---------------------------------------------------------------------- CPU scratch
-_scratch_space = threading.local()  # per thread: name -> flat fp32 tensor
-
-
-def _scratch(name: str, numel: int, device: torch.device) -> torch.Tensor:
-    """A flat fp32 tensor of ``numel`` (uninitialised) for scoring. On CPU it is kept per
-    thread and reused across calls and layers: a fresh tensor over glibc's 32 MiB mmap limit
-    is mapped and page-faulted on every call (~30 ms for a 41 MB right-hand side of 16 x
-    10,000 x 64 codes, measured). Elsewhere a plain allocation (CUDA caches its own)."""
-    if device.type != "cpu":
-        return torch.empty(numel, device=device)
-    space = getattr(_scratch_space, "tensors", None)
-    if space is None:
-        space = _scratch_space.tensors = {}
-    buf = space.get(name)
-    if buf is None or buf.numel() < numel:
-        buf = space[name] = torch.empty(numel)
-    return buf[:numel]
-
-
-# ---------------------------------------------------------------------- checkpoint replay
-class SelectionTape:
-    """The codes chosen in one activation-checkpointed region: recorded in order by its
-    forward pass, handed back in the same order to its recomputation inside backward."""
-
-    def __init__(self) -> None:
-        self.entries: list[tuple[CodebookLayer, int, torch.Tensor, torch.Tensor | None]] = []
-        self.cursor = 0
-        self.broken = False
-
-
-_tapes = threading.local()  # .stack: [(mode, tape)], innermost last; per thread (autograd
-# runs a CUDA backward, and so the recompute, on its own thread)
-
-
-def _tape_stack() -> list[tuple[str, SelectionTape]]:
-    if not hasattr(_tapes, "stack"):
-        _tapes.stack = []
-    return _tapes.stack
-
-
-class _TapeMode:
-    """Puts ``tape`` on this thread's stack in ``mode`` while entered; re-entrant, since a
-    checkpoint enters its recompute context once per recomputation (retain_graph)."""
-
-    def __init__(self, tape: SelectionTape, mode: str) -> None:
-        self.tape, self.mode = tape, mode
-
-    def __enter__(self) -> None:
-        if self.mode == "replay":
-            self.tape.cursor = 0
-        _tape_stack().append((self.mode, self.tape))
-
-    def __exit__(self, *exc: object) -> None:
-        _tape_stack().pop()
-
-
-def reuse_selections() -> tuple[AbstractContextManager, AbstractContextManager]:
-    """``context_fn`` for ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)`` (and
-    so for HF's ``gradient_checkpointing_kwargs``): the recomputation inside backward reuses the
-    codes every codebook layer chose in the forward pass instead of scoring again. Without it
-    the recompute selects again (the same codes, at the cost of a second scoring)."""
-    tape = SelectionTape()
-    return _TapeMode(tape, "record"), _TapeMode(tape, "replay")
-
-
-def _record_selection(layer: CodebookLayer, idx: torch.Tensor,
-                      weight: torch.Tensor | None) -> None:
-    stack = _tape_stack()
-    if stack and stack[-1][0] == "record" and not _in_backward():
-        stack[-1][1].entries.append((layer, idx.shape[0], idx, weight))
-
-
-def _replayed_selection(layer: CodebookLayer, rows: int
-                        ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """The next recorded selection if this call is a recompute under a replaying tape and the
-    entry is this layer's for as many rows; else None (and the tape is not trusted again)."""
-    stack = _tape_stack()
-    if not stack or stack[-1][0] != "replay":
-        return None
-    tape = stack[-1][1]
-    if tape.broken or tape.cursor >= len(tape.entries):
-        tape.broken = True
-        return None
-    owner, n, idx, weight = tape.entries[tape.cursor]
-    if owner is not layer or n != rows:
-        tape.broken = True
-        return None
-    tape.cursor += 1
-    return idx, weight
-
-
-def _in_backward() -> bool:
-    """True inside the autograd engine: an activation-checkpointed block being recomputed."""
-    return torch._C._current_graph_task_id() != -1
 
 
 def _groups_last(t: torch.Tensor) -> torch.Tensor:

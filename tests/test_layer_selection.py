@@ -13,10 +13,10 @@ from torch.utils.checkpoint import checkpoint
 from codebook.layer import (
     CHUNK_BYTES,
     CodebookLayer,
-    _block_size,
     reuse_selections,
     topk_indices,
 )
+from codebook.selection import block_size
 
 
 def make(dim=16, num_codes=300, k=4, groups=2, **kw) -> CodebookLayer:
@@ -49,10 +49,10 @@ def test_topk_indices_equals_torch_topk_and_argmax(n, k):
 
 
 def test_block_sizes_are_simd_multiples_and_skip_where_blocks_do_not_pay():
-    assert _block_size(10000, 1) == 128 and _block_size(3000, 1) == 128
-    assert _block_size(10000, 8) == 64 and _block_size(3000, 8) == 64  # 47 blocks >= 4k
-    assert _block_size(1500, 8) == 32  # 24 blocks of 64 < 4k = 32; 47 of 32
-    assert _block_size(700, 8) is None and _block_size(10000, 40) is None
+    assert block_size(10000, 1) == 128 and block_size(3000, 1) == 128
+    assert block_size(10000, 8) == 64 and block_size(3000, 8) == 64  # 47 blocks >= 4k
+    assert block_size(1500, 8) == 32  # 24 blocks of 64 < 4k = 32; 47 of 32
+    assert block_size(700, 8) is None and block_size(10000, 40) is None
 
 
 @pytest.mark.parametrize("score", ["inner", "cosine", "euclidean"])
@@ -279,7 +279,7 @@ def test_cpu_scoring_reuses_one_buffer_across_calls_and_layers():
     """The CPU path scores into per-thread scratch memory that outlives the call (a fresh
     buffer over glibc's mmap limit page-faults on every call); layers of other sizes share it
     and still select exactly."""
-    from codebook.layer import _scratch
+    from codebook.selection import scratch
 
     small = make(dim=16, num_codes=300, k=2, groups=2, score="cosine")
     big = make(dim=32, num_codes=2000, k=3, groups=1, score="euclidean")
@@ -287,6 +287,6 @@ def test_cpu_scoring_reuses_one_buffer_across_calls_and_layers():
     for layer, x in ((small, x_small), (big, x_big), (small, x_small)):
         ref = full_scores(layer, x).topk(layer.k, dim=-1).indices
         assert torch.equal(layer.select(x), ref)
-    first = _scratch("scores", 10, torch.device("cpu")).data_ptr()
+    first = scratch("scores", 10, torch.device("cpu")).data_ptr()
     big.select(x_big)
-    assert _scratch("scores", 10, torch.device("cpu")).data_ptr() == first
+    assert scratch("scores", 10, torch.device("cpu")).data_ptr() == first

@@ -181,7 +181,8 @@ def test_quick_table_trains_scores_logs_and_reruns(tmp_path):
 
     run_dir = out / "runs" / "mlp_4x_k2"
     (out / "rows" / "mlp_4x_k2.json").unlink()
-    shutil.rmtree(sorted(run_dir.glob("checkpoint_*"))[-1])  # the step-12 one: 6 is left
+    checkpoints = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
+    shutil.rmtree(checkpoints[-1])  # the step-12 one: 6 is left
     resumed = lm_table.main(["--quick", "--out", str(out), "--set", TWO_ROWS])
     row = next(r for r in resumed["rows"] if r["row"] == "mlp_4x_k2")
     assert row["resumed"] is True and np.isfinite(row["loss"])

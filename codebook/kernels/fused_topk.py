@@ -197,7 +197,7 @@ def fused_topk(x: torch.Tensor, codes: torch.Tensor, k: int, score: str = "cosin
     num_codes = codes.shape[1]
     if not 1 <= k <= min(MAX_K, num_codes):
         raise ValueError(f"fused_topk: k={k} must be in 1..min({MAX_K}, num_codes={num_codes});"
-                         " use the PyTorch path (codebook.layer.topk_indices) beyond it")
+                         " use the PyTorch path (codebook.selection.topk_indices) beyond it")
     if score not in SCORE_IDS:
         raise ValueError(f"fused_topk: unknown score {score!r}: use one of {list(SCORE_IDS)}")
     if x.device != codes.device:
