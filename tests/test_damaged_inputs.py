@@ -166,6 +166,29 @@ def test_resume_falls_back_past_a_damaged_latest_checkpoint(run_dir, name, damag
     assert choose_resume([str(newest), str(older)])[0] == older
 
 
+def test_a_ray_snapshot_naming_a_gone_checkpoint_is_set_aside(tmp_path, capsys):
+    """Ray Train's checkpoint_manager_snapshot.json lists the run's checkpoints; if one is gone,
+    Ray's controller dies before any worker starts, so fit sets the list aside (and resumes from
+    the newest intact checkpoint itself). A list whose checkpoints all exist is kept."""
+    from codebook.ray_glue.train import RAY_SNAPSHOT_FILE, set_aside_stale_snapshot
+
+    (tmp_path / "checkpoint_a").mkdir()
+    snapshot = tmp_path / RAY_SNAPSHOT_FILE
+    entry = {"checkpoint_dir_name": "checkpoint_a", "metrics": {"step": 6}}
+    snapshot.write_text(json.dumps({"checkpoint_results": [entry], "latest_checkpoint_result":
+                                    entry}))
+    assert set_aside_stale_snapshot(tmp_path) is None and snapshot.is_file()
+    gone = {"checkpoint_dir_name": "checkpoint_b", "metrics": {"step": 12}}
+    snapshot.write_text(json.dumps({"checkpoint_results": [entry, gone],
+                                    "latest_checkpoint_result": gone}))
+    aside = set_aside_stale_snapshot(tmp_path)
+    assert aside == tmp_path / f"{RAY_SNAPSHOT_FILE}.stale" and aside.is_file()
+    assert not snapshot.exists() and "checkpoint_b" in capsys.readouterr().out
+    snapshot.write_text("{not json")
+    assert set_aside_stale_snapshot(tmp_path) is not None and not snapshot.exists()
+    assert set_aside_stale_snapshot(tmp_path) is None  # nothing there
+
+
 def test_no_intact_checkpoint_left_is_reported_not_guessed(run_dir):
     for ckpt in run_dir.glob("checkpoint_*"):
         truncate(ckpt / "engine_optim.pt")

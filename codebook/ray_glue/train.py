@@ -167,6 +167,45 @@ def check_placeable(cfg: TrainConfig) -> bool:
     return bool(use_gpu)
 
 
+RAY_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's list of a run's checkpoints
+
+
+def set_aside_stale_snapshot(run_dir: Path) -> Path | None:
+    """Rename Ray Train's checkpoint list in ``run_dir`` to ``*.stale`` when a checkpoint it
+    names is gone (deleted, or lost in a crash): Ray's controller would fail on it before any
+    worker starts. The resume does not need it: :func:`fit` picks the newest intact checkpoint
+    itself and hands it to the workers. Returns the new path, or None if nothing was stale."""
+    snapshot = run_dir / RAY_SNAPSHOT_FILE
+    if not snapshot.is_file():
+        return None
+    try:
+        names = sorted(_checkpoint_dir_names(json.loads(snapshot.read_text())))
+    except (OSError, ValueError):
+        names = []
+        stale = True
+    else:
+        stale = any(not (run_dir / name).is_dir() for name in names)
+    if not stale:
+        return None
+    aside = snapshot.with_suffix(".json.stale")
+    os.replace(snapshot, aside)
+    missing = [n for n in names if not (run_dir / n).is_dir()]
+    print(f"{snapshot}: names checkpoints that are gone ({', '.join(missing) or 'unreadable'}); "
+          f"set aside as {aside.name}, resuming from the newest intact checkpoint", flush=True)
+    return aside
+
+
+def _checkpoint_dir_names(node: Any) -> set[str]:
+    """Every ``checkpoint_dir_name`` value anywhere in a parsed Ray snapshot."""
+    if isinstance(node, dict):
+        found = {node["checkpoint_dir_name"]} if isinstance(
+            node.get("checkpoint_dir_name"), str) else set()
+        return found.union(*(_checkpoint_dir_names(v) for v in node.values()))
+    if isinstance(node, list):
+        return set().union(*(_checkpoint_dir_names(v) for v in node))
+    return set()
+
+
 def fit(cfg: TrainConfig, resume: bool = False, callbacks: list | None = None,
         mlflow_parent_run_id: str | None = None) -> dict[str, Any]:
     """Run the training job on the current Ray cluster; returns the JSON summary."""
@@ -189,6 +228,7 @@ def fit(cfg: TrainConfig, resume: bool = False, callbacks: list | None = None,
                           "pass --resume to continue it, or choose another run.name")
     for path, why in damaged:
         print(skipped_message(path, why, previous), flush=True)
+    set_aside_stale_snapshot(run_dir)
     use_gpu = check_placeable(cfg)
     datasets = text_datasets(cfg) if cfg.data.source != "fsm" else None
     tracking_uri = cfg.tracking_uri()
