@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "codebook_layer.py"
 REQUIRED = {
     "tokens", "dim", "num_codes", "k", "groups", "fwd_bwd_ms", "matmul_topk_ms",
     "ratio_to_floor", "peak_mem_mb", "floor_peak_mem_mb", "device", "threads",
+    "matmul_ms", "ratio_to_matmul", "select", "score", "dtype", "chunk_rows",
 }
 
 
@@ -26,29 +30,41 @@ def test_codebook_layer_benchmark_quick_prints_json_lines():
     rows = [json.loads(line) for line in lines]
     for row in rows:
         assert row.keys() >= REQUIRED, REQUIRED - row.keys()
-        assert row["device"] == "cpu"
-        for key in ("fwd_bwd_ms", "matmul_topk_ms", "ratio_to_floor", "peak_mem_mb"):
+        assert row["device"] == "cpu" and row["select"] == "torch"
+        for key in ("fwd_bwd_ms", "matmul_topk_ms", "ratio_to_floor", "peak_mem_mb",
+                    "matmul_ms", "ratio_to_matmul"):
             assert isinstance(row[key], int | float)
+        assert row["ratio_to_matmul"] == pytest.approx(row["fwd_bwd_ms"] / row["matmul_ms"],
+                                                       rel=1e-2)
     assert any(row["groups"] == 1 for row in rows)
     assert any(row["groups"] > 1 for row in rows)
 
 
 def test_gpu_suite_quick_runs_every_stage_on_cpu(tmp_path):
-    """benchmarks/gpu_suite.sh --quick: the GPU suite's three stages on tiny shapes, so it cannot
-    rot between the rare sessions that have a GPU."""
+    """benchmarks/gpu_suite.sh --quick: the GPU suite's four stages on tiny shapes (the kernel
+    under Triton's interpreter), so it cannot rot between the rare sessions with a GPU."""
     suite = SCRIPT.parent / "gpu_suite.sh"
     proc = subprocess.run(["bash", str(suite), str(tmp_path), "--quick"], capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "PYTHON": sys.executable})
+                          text=True, timeout=1000, env={**os.environ, "PYTHON": sys.executable})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     status = {r["stage"]: r["status"] for r in rows if "status" in r}
-    assert status == {"layer": "ok", "train_step": "ok", "fsm": "ok"}, status
+    kernel = "ok" if importlib.util.find_spec("triton") else "skipped (no triton)"
+    assert status == {"kernel": kernel, "layer": "ok", "train_step": "ok", "fsm": "ok"}, status
+    checks = [r for r in rows if r["stage"] == "kernel" and "check" in r]
+    assert kernel != "ok" or (len(checks) >= 6 and all(r["ok"] for r in checks)), checks
+    profiles = [r for r in rows if r["stage"] == "layer" and "profile" in r]
+    assert profiles and all(p["top"] for p in profiles)  # the per-operator breakdown
     steps = {r["variant"]: r for r in rows if r["stage"] == "train_step" and "step_ms" in r}
-    assert set(steps) == {"plain", "codebook"} and steps["codebook"]["ratio_to_plain"] > 0
+    assert set(steps) == {"plain", "codebook", "codebook_ckpt"}
+    assert steps["plain"]["num_codes"] == 0 and steps["codebook"]["ratio_to_plain"] > 0
+    assert steps["codebook_ckpt"]["checkpointing"] is True
     fsm = [r for r in rows if r["stage"] == "fsm" and "first_transition_accuracy" in r]
     assert fsm and 0 <= fsm[0]["first_transition_accuracy"] <= 1
     summary = (tmp_path / "summary.md").read_text()
-    assert "Training step, Pythia-410M shape" in summary and "| fsm | ok |" in summary
+    assert "## Training step" in summary and "| fsm | ok |" in summary
+    assert "### Profile:" in summary
+    assert kernel != "ok" or "Fused score + top-k: correctness" in summary
 
 
 def test_store_query_benchmark_agrees_with_the_per_shard_code_it_replaced(tmp_path):
