@@ -206,8 +206,12 @@ def test_a_truncated_deepspeed_checkpoint_is_skipped(tmp_path):
     code = ("import sys; from codebook.training.config import load_config; "
             "from codebook.training.local import train_local; "
             "train_local(load_config(sys.argv[1], sys.argv[2:]), device='cpu')")
+    # a fresh process group: not the port of one this pytest worker may hold (another test's)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MASTER_PORT", "MASTER_ADDR", "RANK", "LOCAL_RANK", "WORLD_SIZE",
+                        "LOCAL_WORLD_SIZE")}
     done = subprocess.run([sys.executable, "-c", code, str(FSM_CONFIG), *sets], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     run = tmp_path / "ds"
     newest, older = run / "checkpoint_00000004", run / "checkpoint_00000002"
