@@ -179,18 +179,15 @@ def set_aside_stale_snapshot(run_dir: Path) -> Path | None:
     if not snapshot.is_file():
         return None
     try:
-        names = sorted(_checkpoint_dir_names(json.loads(snapshot.read_text())))
+        names = _checkpoint_dir_names(json.loads(snapshot.read_text()))
+        missing = sorted(n for n in names if not (run_dir / n).is_dir())
     except (OSError, ValueError):
-        names = []
-        stale = True
-    else:
-        stale = any(not (run_dir / name).is_dir() for name in names)
-    if not stale:
+        missing = ["unreadable"]
+    if not missing:
         return None
     aside = snapshot.with_suffix(".json.stale")
     os.replace(snapshot, aside)
-    missing = [n for n in names if not (run_dir / n).is_dir()]
-    print(f"{snapshot}: names checkpoints that are gone ({', '.join(missing) or 'unreadable'}); "
+    print(f"{snapshot}: names checkpoints that are gone ({', '.join(missing)}); "
           f"set aside as {aside.name}, resuming from the newest intact checkpoint", flush=True)
     return aside
 
