@@ -10,6 +10,10 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# MLflow 3 sends usage telemetry from a background thread: offline tests must not look up its
+# host (tests/test_hf_datasets_source.py fails on any remote host look-up). Child processes
+# and local Ray workers inherit it.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 # The suite runs on two pytest-xdist workers (pyproject: ``-n 2 --dist loadgroup``): each
 # file stays whole on one worker, in order (module fixtures built once, Ray-fixture tests

@@ -294,7 +294,9 @@ def test_ray_driver_and_label_pipeline_write_the_same_labels(tmp_path):
     job = prepare_labels(store, top_candidates=3)
     counter = ShardCounter(job)
     local_counts = merge_counts([counter(p) for p in store.shard_files()])
-    ray.init(address="local", num_cpus=1, include_dashboard=False)
+    from codebook.ray_glue.session import init_local
+
+    init_local(num_cpus=1, include_dashboard=False)
     try:
         assert as_counter(count_rows(store, job)) == as_counter(local_counts)
     finally:

@@ -292,7 +292,9 @@ def test_train_resume_continues_from_the_newest_intact_checkpoint(tmp_path, caps
 
     over = {"run.checkpoint_every": 2, "run.eval_every": 2, "run.log_every": 2,
             "deepspeed.enabled": False}
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    from codebook.ray_glue.session import init_local
+
+    init_local(num_cpus=2, include_dashboard=False)
     try:
         first = fit(load_config(FSM_CONFIG, tiny_overrides(tmp_path, "r", **over,
                                                            **{"run.max_steps": 4})))

@@ -25,7 +25,9 @@ from codebook.training.loop import HF_DIR, STATE_FILE
 def local_ray():
     import ray
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False)
+    from codebook.ray_glue.session import init_local
+
+    init_local(num_cpus=4, include_dashboard=False)
     yield
     ray.shutdown()
 

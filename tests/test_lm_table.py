@@ -77,7 +77,9 @@ def test_ray_training_data_excludes_heldout_documents(tmp_path, tok_dir):
     texts = _marked_corpus(tmp_path / "c")
     cfg, tokenizer = _text_cfg(tmp_path, tmp_path / "c", tok_dir)
     _, held = split_documents(texts, 0.3, 0)
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    from codebook.ray_glue.session import init_local
+
+    init_local(num_cpus=2, include_dashboard=False)
     try:
         ds = text_datasets(cfg)
         blocks = {k: np.stack([r["input_ids"] for r in d.take_all()]) for k, d in ds.items()}

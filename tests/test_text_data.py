@@ -150,7 +150,9 @@ def test_expand_paths_errors_clearly(tmp_path):
 def local_ray():
     import ray
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False)
+    from codebook.ray_glue.session import init_local
+
+    init_local(num_cpus=4, include_dashboard=False)
     yield
     ray.shutdown()
 

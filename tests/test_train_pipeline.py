@@ -22,7 +22,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(address="local", num_cpus=4, include_dashboard=False)
+    from codebook.ray_glue.session import init_local
+
+    init_local(num_cpus=4, include_dashboard=False)
     yield
     ray.shutdown()
 

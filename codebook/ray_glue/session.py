@@ -9,6 +9,10 @@ from contextlib import contextmanager
 from typing import Any
 
 _API_ADDRESS = "RAY_API_SERVER_ADDRESS"
+# Ray gives a new local node a fixed 30 s to register (ray/_private/node.py); on a loaded
+# 2-core machine its raylet can miss that. A new local cluster is then started once more.
+_STARTUP_TIMEOUT = "timed out during startup"
+LOCAL_START_ATTEMPTS = 2
 _OWNED_API_ADDRESS = "CODEBOOK_SET_RAY_API_SERVER_ADDRESS"
 
 
@@ -45,7 +49,7 @@ def _connect(init_kwargs: dict[str, Any]) -> None:
         ray.init(address=address, **init_kwargs)
         return
     if init_kwargs.get("include_dashboard") is False:
-        ray.init(address="local", **init_kwargs)
+        init_local(**init_kwargs)
         return
     # A new local cluster for this process (RAY_ADDRESS=auto joins a running one). Its
     # dashboard address is pinned for the workers: Ray Train's PlacementGroupCleaner finds
@@ -57,11 +61,28 @@ def _connect(init_kwargs: dict[str, Any]) -> None:
     os.environ[_API_ADDRESS] = f"http://127.0.0.1:{port}"
     os.environ[_OWNED_API_ADDRESS] = "1"
     try:
-        ray.init(address="local", dashboard_host="127.0.0.1", dashboard_port=port,
-                 **init_kwargs)
+        init_local(dashboard_host="127.0.0.1", dashboard_port=port, **init_kwargs)
     except BaseException:
         _forget_api_address()
         raise
+
+
+def init_local(**init_kwargs: Any) -> None:
+    """``ray.init(address="local", **init_kwargs)``: a new local cluster, started once more if
+    its node misses Ray's fixed 30 s registration window (a loaded machine); any other
+    failure, or a second timeout, is raised as Ray raised it."""
+    import ray
+
+    for attempt in range(1, LOCAL_START_ATTEMPTS + 1):
+        try:
+            ray.init(address="local", **init_kwargs)
+            return
+        except Exception as err:
+            if _STARTUP_TIMEOUT not in str(err) or attempt == LOCAL_START_ATTEMPTS:
+                raise
+            ray.shutdown()  # stops the half-started node's processes
+            print(f"Ray: the local node {_STARTUP_TIMEOUT} (a loaded machine?); "
+                  "starting it once more", flush=True)
 
 
 def _forget_api_address() -> None:
