@@ -168,7 +168,7 @@ def run_variant(name: str, shape: dict | None, args, storage: Path,
         "checkpointing": cfg.model.gradient_checkpointing,
         "select": ("torch" if name == "codebook_torch" or device.type != "cuda"
                    or not triton_available() else "fused") if on else None,
-        "dtype": "bf16" if cfg.deepspeed.enabled and cfg.deepspeed.bf16 else "fp32",
+        "dtype": "bf16" if cfg.deepspeed.uses_bf16(device.type) else "fp32",
         "threads": torch.get_num_threads(),
     }
     if shape is not None:

@@ -38,6 +38,20 @@ def test_bf16_cast_keeps_statistics_fp32_and_counts_past_256():
     assert layer.stat_sums[3].item() == 900
 
 
+def test_bf16_is_resolved_one_way_for_the_engine_and_the_benchmark_label():
+    """deepspeed.bf16 None means bf16 on a GPU under DeepSpeed (the engine's mode) and the
+    train-step benchmark labels a run by the same rule: the first H200 suite's bf16 steps were
+    labelled fp32 when the label read the raw None."""
+    from codebook.training.config import DeepSpeedSection
+
+    assert DeepSpeedSection().uses_bf16("cuda") and not DeepSpeedSection().uses_bf16("cpu")
+    assert not DeepSpeedSection(bf16=False).uses_bf16("cuda")
+    assert DeepSpeedSection(bf16=True).uses_bf16("cpu")  # asked for: DeepSpeed's bf16 on CPU
+    assert DeepSpeedSection(enabled=False, bf16=True).uses_bf16("cuda")  # autocast
+    assert not DeepSpeedSection(enabled=False, bf16=True).uses_bf16("cpu")
+    assert not DeepSpeedSection(enabled=False).uses_bf16("cuda")
+
+
 def test_bf16_scoring_matches_fp32_scoring_of_the_same_values():
     torch.manual_seed(0)
     layer = CodebookLayer(dim=64, num_codes=512, k=4, score="euclidean")

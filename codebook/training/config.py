@@ -117,6 +117,14 @@ class DeepSpeedSection:
     # under bf16 autocast on a GPU (fp32 master weights).
     bf16: bool | None = None
 
+    def uses_bf16(self, device_type: str) -> bool:
+        """Whether training on ``device_type`` runs in bf16: DeepSpeed's bf16 mode (``bf16``,
+        or on a GPU where it is None), or without DeepSpeed bf16 autocast (``bf16`` true, on a
+        GPU)."""
+        if self.enabled:
+            return self.bf16 if self.bf16 is not None else device_type == "cuda"
+        return bool(self.bf16) and device_type == "cuda"
+
 
 @dataclass
 class MLflowSection:

@@ -155,7 +155,7 @@ class DeepSpeedEngine:
 
         self.cfg = cfg
         ds = cfg.deepspeed
-        bf16 = ds.bf16 if ds.bf16 is not None else device.type == "cuda"
+        bf16 = ds.uses_bf16(device.type)
         zero: dict[str, Any] = {"stage": ds.zero_stage}
         if ds.offload_optimizer:
             zero["offload_optimizer"] = {"device": "cpu"}
