@@ -72,8 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = run_fsm_analysis(model, fsm, eval_tokens, max_pairs=args.max_pairs,
                               seed=cfg.run.seed)
     analysis_s = time.perf_counter() - t0
-    bf16 = cfg.deepspeed.enabled and (cfg.deepspeed.bf16 if cfg.deepspeed.bf16 is not None
-                                      else device.type == "cuda")
+    bf16 = cfg.deepspeed.uses_bf16(device.type)
     report.update({"train_s": round(train_s, 1), "analysis_s": round(analysis_s, 1),
                    "steps": summary["steps"], "steps_per_s": round(summary["steps"] / train_s, 2),
                    "final_eval_loss": summary["final_eval_loss"], "device": device.type,
