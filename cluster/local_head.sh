@@ -269,6 +269,16 @@ cmd_stop() {
   done
   if ((${#left[@]} > 0)); then
     kill -KILL "${left[@]}" 2>/dev/null || true
+    # SIGKILL is delivered at once but a process leaves only once the kernel has torn it down
+    # (longer for big address spaces on a busy machine): wait for that, bounded, so that what
+    # `stop` reports as stopped is gone when it returns.
+    deadline=$((SECONDS + 30))
+    while mapfile -t left < <(alive "${left[@]}") && ((${#left[@]} > 0)); do
+      if ((SECONDS >= deadline)); then
+        die "processes ${left[*]} of the head (session ${sid}) outlived SIGKILL for 30 s"
+      fi
+      sleep 0.2
+    done
   fi
   rm -f -- "${record}"
   echo "Stopped the Ray head on port ${RAY_PORT} (session ${sid}, ${n} processes)"

@@ -79,3 +79,19 @@ def test_store_query_benchmark_agrees_with_the_per_shard_code_it_replaced(tmp_pa
     for case in ("codes_for_token", "contexts_frequent", "contexts_rare"):
         assert summary[case]["same_result"] is True, case
     assert summary["page_http"]["max_s"] > 0
+
+
+def test_recon_drift_benchmark_quick_compares_a_frozen_and_a_training_model():
+    """benchmarks/recon_drift.py --quick: a JSON line per setting, each with the first and last
+    reconstruction loss of the same start (one seed, so step 1 is the same for every setting)."""
+    script = SCRIPT.with_name("recon_drift.py")
+    proc = subprocess.run([sys.executable, str(script), "--quick", "--settings",
+                           "benchmark,frozen_model"], capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+    assert [r["setting"] for r in rows] == ["benchmark", "frozen_model"]
+    assert rows[0]["recon_first"] == rows[1]["recon_first"] > 0
+    assert rows[1]["optim.model_lr_factor"] == 0.0 and rows[0]["steps"] == 4
+    for r in rows:
+        assert r["ratio"] == pytest.approx(r["recon_last"] / r["recon_first"], abs=2e-3)
