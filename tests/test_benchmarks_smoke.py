@@ -95,3 +95,21 @@ def test_recon_drift_benchmark_quick_compares_a_frozen_and_a_training_model():
     assert rows[1]["optim.model_lr_factor"] == 0.0 and rows[0]["steps"] == 4
     for r in rows:
         assert r["ratio"] == pytest.approx(r["recon_last"] / r["recon_first"], abs=2e-3)
+
+
+def test_fused_topk_tile_search_runs_under_the_interpreter():
+    """benchmarks/fused_topk_tune.py on CPU: the kernel at two tile configurations (launch options
+    included) under Triton's interpreter, each checked against the tuned default's codes."""
+    pytest.importorskip("triton")
+    script = SCRIPT.with_name("fused_topk_tune.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(script), "--device", "cpu", "--k", "3"],
+                          capture_output=True, text=True, timeout=300, check=False, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+    tried = [r for r in rows if r.get("tune")]
+    assert len(tried) == 2 and all(r["same_ids"] == 1.0 and r["ms"] > 0 for r in tried)
+    assert {r["num_warps"] for r in tried} == {4, 8}  # the launch options reached the kernel
+    summary = rows[-1]
+    assert summary["tune_summary"] == "fused_topk" and summary["k"] == 3
+    assert summary["best"] in [{key: r[key] for key in summary["best"]} for r in tried]
