@@ -187,7 +187,9 @@ def fused_topk(x: torch.Tensor, codes: torch.Tensor, k: int, score: str = "cosin
     multiplied as they are; otherwise both in fp32 (``precision``: ``"tf32x3"`` by default,
     ``"ieee"`` or ``"tf32"``). ``disabled`` (groups, num_codes) bool bars codes. ``scores`` are
     in the kernel's order units (cosine: ``x . c / |c|``, euclidean: ``2 x . c - |c|^2``).
-    ``blocks`` fixes ``BLOCK_M``/``BLOCK_N``/``BLOCK_K`` instead of the tuned choice.
+    ``blocks`` fixes ``BLOCK_M``/``BLOCK_N``/``BLOCK_K`` instead of the tuned choice, and may
+    add Triton's launch options ``num_warps`` and ``num_stages``
+    (``benchmarks/fused_topk_tune.py`` searches them).
     """
     if x.dim() != 3 or codes.dim() != 3 or x.shape[1] != codes.shape[0] \
             or x.shape[2] != codes.shape[2]:
