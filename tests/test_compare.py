@@ -205,7 +205,7 @@ def _steer_models(vocab: int = 64):
 
     base = lm()
     config = CodebookConfig(sites=["attn_heads"], layers=[1], num_codes=32, k=2,
-                            score="euclidean")
+                            score="euclidean", combine="mean")
     codebook = CodebookModel(lm(), config).eval()
     sae_model = neuron_model(base, config).model
     sae = SparseCoderLayer(new_sparse_coder(32, 128, 8)).eval()
@@ -320,6 +320,25 @@ def _compare(tmp_path, *extra):
     cmd = [sys.executable, "pipelines/compare.py", "--quick", "--out", str(tmp_path / "out"),
            *extra]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def test_euclidean_finetunes_above_the_headline_average_their_codes(tmp_path):
+    """The FSM's codebooks score by euclidean distance at k=1; the sparsity points at 2 and 4
+    x k average their k codes (a sum of the k nearest codes is refused by the config)."""
+    from train_helpers import FSM_CONFIG, tiny_overrides
+
+    from codebook.compare.protocol import phase_config
+    from codebook.training.config import load_config
+
+    train = load_config(FSM_CONFIG, tiny_overrides(tmp_path, **{"codebook.start_step": 4,
+                                                                "run.max_steps": 8}))
+    assert train.codebook.score == "euclidean" and train.codebook.k == 1
+    made = {m: phase_config(train, f"cb{m}", tmp_path, "base", codebooks=True, k_multiple=m)
+            for m in (1, 2, 4)}
+    assert [(c.codebook.k, c.codebook.combine) for c in made.values()] == [
+        (1, "sum"), (2, "mean"), (4, "mean")]
+    for c in made.values():
+        c.codebook.validate()  # each one a config the loop accepts
 
 
 def test_bad_input_fails_before_work(tmp_path):

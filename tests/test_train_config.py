@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from train_helpers import FSM_CONFIG, REPO
 
 from codebook.errors import ConfigError
@@ -35,6 +36,7 @@ def test_overrides_are_typed_and_dotted():
         (["data.source=text", "data.paths=[/no/such/file.txt]"], "data.paths", "does not exist"),
         (["deepspeed.zero_stage=4"], "deepspeed.zero_stage", "got 4"),
         (["data.fsm={num_states: 5, num_edges: 9}"], "data.fsm", "num_edges"),
+        (["codebook.k=2"], "codebook.combine", "score euclidean with combine sum and k=2"),
     ],
 )
 def test_bad_config_is_rejected_with_field_and_fix(overrides, field, words):
@@ -44,6 +46,22 @@ def test_bad_config_is_rejected_with_field_and_fix(overrides, field, words):
     assert words in text
     if isinstance(err.value, ConfigError):
         assert err.value.field == field and "Fix:" in text
+
+
+def test_euclidean_codebooks_above_k1_average_their_codes():
+    """configs/fsm.yaml scores by euclidean distance: at k=2 it loads with combine mean (the
+    sum of the two nearest codes is refused above), and k-means then leaves the centroids as
+    they are instead of dividing them by k."""
+    from codebook.layer import CodebookLayer
+
+    cfg = load_config(FSM_CONFIG, ["codebook.k=2", "codebook.combine=mean"])
+    assert cfg.codebook.score == "euclidean" and cfg.codebook.combine == "mean"
+    layer = CodebookLayer(4, 2, 2, score="euclidean", combine="mean")
+    samples = torch.tensor([[1.0, 0, 0, 0]] * 5 + [[0, 3.0, 0, 0]] * 5)
+    layer.kmeans_init_(samples, generator=torch.Generator().manual_seed(0))
+    assert sorted(layer.codes[0].norm(dim=-1).tolist()) == pytest.approx([1.0, 3.0])
+    out = layer(torch.tensor([[0.0, 3.0, 0, 0]]))
+    torch.testing.assert_close(out, torch.tensor([[0.5, 1.5, 0, 0]]))  # the mean of both
 
 
 def test_missing_config_file_is_a_clear_error(tmp_path):

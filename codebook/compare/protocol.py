@@ -41,7 +41,9 @@ class TrainedModel:
 def phase_config(train: TrainConfig, name: str, runs: Path, base: str | None, *,
                  codebooks: bool, k_multiple: int = 1, seed: int = 0) -> TrainConfig:
     """One run's config: the base's pretraining (``base`` None, from scratch), or a finetune
-    of ``base`` with or without codebooks (k times ``k_multiple``) under ``seed``."""
+    of ``base`` with or without codebooks (k times ``k_multiple``) under ``seed``. A euclidean
+    codebook at k > 1 averages its k codes (``combine: mean``): the sum of the k nearest codes
+    would be about k times the input."""
     tc = copy.deepcopy(train)
     tc.run.name, tc.run.storage_path = name, str(runs)
     start = train.codebook.start_step
@@ -60,6 +62,8 @@ def phase_config(train: TrainConfig, name: str, runs: Path, base: str | None, *,
             tc.codebook.sites = []
         else:
             tc.codebook.k = train.codebook.k * k_multiple
+            if tc.codebook.score == "euclidean" and tc.codebook.k > 1:
+                tc.codebook.combine = "mean"  # the k nearest codes average to x (see config)
             if tc.codebook.k > tc.codebook.num_codes:
                 raise ConfigError("sparsity", f"k x {k_multiple} = {tc.codebook.k} exceeds "
                                   f"num_codes {tc.codebook.num_codes}", "lower the multiples")
