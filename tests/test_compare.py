@@ -342,7 +342,8 @@ def test_euclidean_finetunes_above_the_headline_average_their_codes(tmp_path):
 
 
 def test_bad_input_fails_before_work(tmp_path):
-    done = _compare(tmp_path, "--set", "train_overrides=['codebook.k=100']")
+    done = _compare(tmp_path, "--set",
+                    "train_overrides=['codebook.k=100', 'codebook.combine=mean']")
     assert done.returncode != 0 and "larger than the dictionary" in done.stderr
     done = _compare(tmp_path, "--set", f"base_model={tmp_path / 'nothing'}")
     assert done.returncode != 0 and "base_model" in done.stderr and "does not exist" in done.stderr

@@ -19,7 +19,8 @@ def test_shipped_configs_load_and_validate():
 
 
 def test_overrides_are_typed_and_dotted():
-    cfg = load_config(FSM_CONFIG, ["codebook.k=2", "optim.lr=0.01", "run.name=x"],
+    cfg = load_config(FSM_CONFIG, ["codebook.k=2", "codebook.combine=mean", "optim.lr=0.01",
+                                   "run.name=x"],
                       **{"run.max_steps": 7})
     assert cfg.codebook.k == 2 and cfg.optim.lr == 0.01 and cfg.run.max_steps == 7
     assert cfg.flat_params()["codebook.k"] == "2"

@@ -78,6 +78,7 @@ def test_zero3_checkpoint_saves_and_resumes(local_ray, tmp_path):
     over = {"deepspeed.zero_stage": 3, "run.num_workers": 2, "run.checkpoint_every": 4,
             "codebook.start_step": 2, "codebook.kmeans_init_batches": 1,
             "codebook.dead_code_steps": 3, "codebook.k": 3, "codebook.k_min": 1,
+            "codebook.combine": "mean",
             "codebook.k_schedule_steps": 6,
             # lr independent of max_steps, so 4 steps + 4 resumed is the same run as 8 steps
             "optim.schedule": "constant"}
