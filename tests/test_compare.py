@@ -205,7 +205,7 @@ def _steer_models(vocab: int = 64):
 
     base = lm()
     config = CodebookConfig(sites=["attn_heads"], layers=[1], num_codes=32, k=2,
-                            score="euclidean", combine="mean")
+                            score="cosine")
     codebook = CodebookModel(lm(), config).eval()
     sae_model = neuron_model(base, config).model
     sae = SparseCoderLayer(new_sparse_coder(32, 128, 8)).eval()
