@@ -39,7 +39,10 @@ def sweep_file(tmp_path: Path, name: str = "t", **changes) -> Path:
                           f"run.max_steps={MAX_STEPS}", "deepspeed.enabled=false"]
     # Grid order: the first key varies fastest, so the two tiny-lr trials come last and meet
     # ASHA's rung at step 8 after two good trials have set the bar.
-    data["search"] = {"codebook.k": {"grid": [1, 2]}, "optim.lr": {"grid": [1.0e-2, 1.0e-6]}}
+    # ASHA keeps the second trial at the step-8 rung only if it is no worse than the first:
+    # 64 codes (eval loss 2.105 at step 8) come before 32 (lower), so both good trials go on.
+    data["search"] = {"codebook.num_codes": {"grid": [64, 32]},
+                      "optim.lr": {"grid": [1.0e-2, 1.0e-6]}}
     data["scheduler"] = {"asha": {"grace_period": 8, "reduction_factor": 2,
                                   "max_t": MAX_STEPS}}
     data.update(changes)
@@ -165,7 +168,7 @@ def test_sweep_asha_mlflow_best_config_and_resume_after_kill(tmp_path):
 
     # The best config is a ready-to-run training config.
     best = load_config(summary["best_config_path"])
-    assert best.codebook.k == summary["best_config"]["codebook.k"]
+    assert best.codebook.num_codes == summary["best_config"]["codebook.num_codes"]
     assert best.optim.lr == summary["best_config"]["optim.lr"]
     assert best.run.max_steps == MAX_STEPS and best.run.name is None
     table = Path(summary["sweep_dir"]) / "summary.csv"
