@@ -218,6 +218,12 @@ class CodebookConfig:
         if self.score_chunk_tokens is not None:
             _positive_int(f"{p}.score_chunk_tokens", self.score_chunk_tokens)
 
+    def at_k(self, k: int) -> CodebookConfig:
+        """This config with ``k`` codes per token; a euclidean codebook above k=1 averages its
+        codes (``combine: mean``): the sum of the k nearest codes is about k times the input."""
+        combine = "mean" if self.score == "euclidean" and k > 1 else self.combine
+        return dataclasses.replace(self, k=k, combine=combine)
+
     def k_at(self, step: int) -> int:
         """k in force at optimizer step ``step`` under the linear k schedule."""
         if self.k_min is None or self.k_schedule_steps <= 0:

@@ -339,6 +339,9 @@ def test_euclidean_finetunes_above_the_headline_average_their_codes(tmp_path):
         (1, "sum"), (2, "mean"), (4, "mean")]
     for c in made.values():
         c.codebook.validate()  # each one a config the loop accepts
+    # the post-hoc codebooks take the same rule; a cosine codebook keeps summing its codes
+    assert train.codebook.at_k(2).combine == "mean"
+    assert CodebookConfig(score="cosine").at_k(4).combine == "sum"
 
 
 def test_bad_input_fails_before_work(tmp_path):

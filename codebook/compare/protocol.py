@@ -41,9 +41,8 @@ class TrainedModel:
 def phase_config(train: TrainConfig, name: str, runs: Path, base: str | None, *,
                  codebooks: bool, k_multiple: int = 1, seed: int = 0) -> TrainConfig:
     """One run's config: the base's pretraining (``base`` None, from scratch), or a finetune
-    of ``base`` with or without codebooks (k times ``k_multiple``) under ``seed``. A euclidean
-    codebook at k > 1 averages its k codes (``combine: mean``): the sum of the k nearest codes
-    would be about k times the input."""
+    of ``base`` with or without codebooks (k times ``k_multiple``) under ``seed``
+    (``CodebookConfig.at_k``: a euclidean codebook above k=1 averages its codes)."""
     tc = copy.deepcopy(train)
     tc.run.name, tc.run.storage_path = name, str(runs)
     start = train.codebook.start_step
@@ -61,12 +60,11 @@ def phase_config(train: TrainConfig, name: str, runs: Path, base: str | None, *,
         if not codebooks:
             tc.codebook.sites = []
         else:
-            tc.codebook.k = train.codebook.k * k_multiple
-            if tc.codebook.score == "euclidean" and tc.codebook.k > 1:
-                tc.codebook.combine = "mean"  # the k nearest codes average to x (see config)
-            if tc.codebook.k > tc.codebook.num_codes:
-                raise ConfigError("sparsity", f"k x {k_multiple} = {tc.codebook.k} exceeds "
+            k = train.codebook.k * k_multiple
+            if k > tc.codebook.num_codes:
+                raise ConfigError("sparsity", f"k x {k_multiple} = {k} exceeds "
                                   f"num_codes {tc.codebook.num_codes}", "lower the multiples")
+            tc.codebook = tc.codebook.at_k(k)
     tc.run.checkpoint_every = max(tc.run.max_steps // 2, 1)
     tc.run.eval_every = min(tc.run.eval_every, tc.run.max_steps)
     return tc

@@ -43,10 +43,7 @@ def fit(ctx: Context, method: str, multiple: int, seed: int,
         return M.Fitted(load_trained_model(trained.path), trained.seconds or 0.0, trained.tokens,
                         dead_train=trained.dead_fraction)
     if method == "posthoc_codebook":
-        k = ctx.config.k * multiple
-        euclid = ctx.config.score == "euclidean" and k > 1  # as the end-to-end models (protocol)
-        config = dataclasses.replace(ctx.config, k=k,
-                                     **({"combine": "mean"} if euclid else {}))
+        config = ctx.config.at_k(ctx.config.k * multiple)  # as the end-to-end models
         opts = dataclasses.replace(ctx.cfg.posthoc, seed=seed)
         return M.posthoc_codebook(ctx.base, config, ctx.cache, opts, log=log)
     if method == "sae":
