@@ -437,6 +437,20 @@ def test_quick_comparison_has_every_method_and_metric(tmp_path):
                                   f"tags.mlflow.parentRunId = '{summary['mlflow_run_id']}'")
     assert sorted(r.data.tags["mlflow.runName"] for r in children) == sorted(
         f"{m}-s{s}" for m, _, s in keys)
+    # a rerun resumes: every row kept under rows/ is reused, a missing one is scored again
+    saved = sorted(p.name for p in (out / "rows").iterdir())
+    assert saved == sorted(f"{m}-s{s}.json" for m, _, s in keys)
+    (out / "rows" / "sae-s1.json").unlink()
+    again = _compare(tmp_path)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    scored = [line for line in again.stdout.splitlines() if line.startswith("scored ")]
+    assert [line.split(" in ")[0] for line in scored] == ["scored sae (seed 1)"]
+    assert again.stdout.count("scored before") == len(keys) - 1
+    rerun = json.loads(again.stdout.strip().splitlines()[-1])["rows"]
+    assert [(r["method"], r["multiple"], r["seed"]) for r in rerun] == keys
+    for old, new in zip(rows, rerun, strict=True):
+        if (old["method"], old["seed"]) != ("sae", 1):
+            assert new == old
 
 
 @pytest.mark.slow

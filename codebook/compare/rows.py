@@ -6,6 +6,8 @@ on the same evaluation data)."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ import torch
 
 from codebook.compare import methods as M
 from codebook.compare.data import CompareData
+from codebook.io import atomic_write
 
 
 @dataclasses.dataclass
@@ -114,3 +117,58 @@ def reference_row(name: str, model: Any, data: CompareData) -> dict[str, Any]:
         row["first_transition_accuracy"] = first_transition_accuracy(wrapped, data.fsm,
                                                                      data.eval)
     return row
+
+
+def row_key(ctx: Context, method: str, multiple: int, seed: int, model: str | None = None,
+            target: Any = None) -> str:
+    """What a saved row was scored from, as a digest: the method, its L0 multiple and seed, its
+    fitting options, the analysis settings, the evaluation split, the cache and the model
+    (an end-to-end model's path; the neurons' target recall). A row saved under another key is
+    scored again."""
+    opts = {"posthoc_codebook": ctx.cfg.posthoc, "sae": ctx.cfg.sae}.get(method)
+    spec = {"method": method, "multiple": multiple, "seed": seed, "model": model,
+            "fit": dataclasses.asdict(opts) if opts is not None else None,
+            "analysis": dataclasses.asdict(ctx.cfg.analysis), "split": ctx.data.split,
+            "cache_tokens": ctx.cache.tokens, "config": ctx.config.to_dict(),
+            "target": None if target is None else np.asarray(target, dtype=float).tolist()}
+    text = json.dumps(spec, sort_keys=True, default=json_default)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def row_path(out: Path, name: str, seed: int) -> Path:
+    """Where a scored row is kept: ``rows/<method>-s<seed>.json`` in the output folder."""
+    return out / "rows" / f"{name}-s{seed}.json"
+
+
+def save_row(path: Path, key: str, row: dict[str, Any], extra: Any) -> None:
+    """Keep a scored row (and its FSM report or chosen features' recall), written atomically,
+    so that a rerun of the comparison resumes after it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as fh:
+        json.dump({"key": key, "row": row, "extra": extra}, fh, default=json_default)
+
+
+def load_row(path: Path, key: str, task: str) -> tuple[dict[str, Any], Any] | None:
+    """The row saved at ``path`` under ``key`` (with its extra), or None: not saved, saved
+    from other settings, or unreadable."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if saved.get("key") != key:
+        print(f"{path.name}: saved from other settings; scoring again", flush=True)
+        return None
+    extra = saved["extra"]
+    if task == "text" and extra is not None:  # the chosen features' recall, NaN where none
+        extra = np.asarray([np.nan if v is None else v for v in extra], dtype=float)
+    return saved["row"], extra
+
+
+def json_default(value: Any) -> Any:
+    """numpy scalars and arrays as Python values (NaN as null)."""
+    if isinstance(value, np.ndarray):
+        return [None if isinstance(v, float) and np.isnan(v) else v for v in value.tolist()] \
+            if value.dtype.kind == "f" else value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"not JSON-able: {type(value).__name__}")

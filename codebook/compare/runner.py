@@ -131,19 +131,37 @@ def run(cfg: Any, train: Any, out: Path, quick: bool, collect_cache: Callable[..
             for method in (m for m in cfg.methods if m != "neuron"):
                 if method == "codebook" and (multiple, seed) not in models["codebooks"]:
                     continue
-                fitted = R.fit(ctx, method, multiple, seed, models["codebooks"])
                 name = M.method_name(method, multiple)
-                row, extra = R.score(ctx, name, fitted, multiple=multiple, seed=seed)
+                steers = bool(cfg.topics) and data.task == "text" and (multiple, seed) == headline
+                path = R.row_path(out, name, seed)
+                key = R.row_key(ctx, method, multiple, seed, model=models["codebooks"][
+                    (multiple, seed)].path if method == "codebook" else None)
+                saved = None if steers else R.load_row(path, key, data.task)
+                if saved is not None:  # scored by an earlier run from the same settings
+                    row, extra = saved
+                    print(f"{name} (seed {seed}): scored before ({path})", flush=True)
+                else:
+                    fitted = R.fit(ctx, method, multiple, seed, models["codebooks"])
+                    row, extra = R.score(ctx, name, fitted, multiple=multiple, seed=seed)
+                    R.save_row(path, key, row, extra)
+                    if steers:
+                        steer_models[method] = fitted.model
                 rows.append(row)
                 if (multiple, seed) == headline:
                     if data.task == "fsm":
                         reports[name] = extra
                     if method == "codebook":
                         target = _target_recall(data.task, extra)
-                    steer_models[method] = fitted.model
     if "neuron" in cfg.methods:
         neuron = M.neuron_model(base, config)
-        rows.append(R.score(ctx, "neuron", neuron, target_recall=target)[0])
+        path, key = R.row_path(out, "neuron", 0), R.row_key(ctx, "neuron", 1, 0, target=target)
+        saved = R.load_row(path, key, data.task)
+        if saved is None:
+            saved = R.score(ctx, "neuron", neuron, target_recall=target)
+            R.save_row(path, key, *saved)
+        else:
+            print(f"neuron: scored before ({path})", flush=True)
+        rows.append(saved[0])
         steer_models["dense"] = neuron.model
     steering = {}
     if cfg.topics and data.task == "text":
@@ -271,6 +289,7 @@ def _write(cfg, out: Path, summary: dict, reports: dict) -> dict:
     """table.md, table.json, reports.json, curves.png; the MLflow parent run and a child per
     row (method, L0 multiple, seed); the tables and the JSON summary printed (the JSON last)."""
     from codebook.compare.report import render
+    from codebook.compare.rows import json_default
     from codebook.tracking import MLflowLogger, default_tracking_uri, finish_run, start_run
 
     table = render(summary, out / "curves.png")
@@ -292,21 +311,11 @@ def _write(cfg, out: Path, summary: dict, reports: dict) -> dict:
         finish_run(uri, child)
     summary["mlflow_run_id"] = parent
     with atomic_write(out / "table.json") as fh:
-        json.dump(summary, fh, indent=2, default=_json_default)
+        json.dump(summary, fh, indent=2, default=json_default)
     finish_run(uri, parent, artifacts={"compare": out / "table.md",
                                        "compare_json": out / "table.json",
                                        "compare_curves": out / "curves.png"})
     print(table, flush=True)
-    print(json.dumps(summary, default=_json_default), flush=True)
+    print(json.dumps(summary, default=json_default), flush=True)
     return summary
 
-
-def _json_default(value: Any) -> Any:
-    """numpy scalars and arrays as Python values."""
-    import numpy as np
-
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"not JSON-able: {type(value).__name__}")
