@@ -552,3 +552,20 @@ def test_text_comparison_scores_regex_features(tmp_path, tok_dir, tokenizer):
             assert g["perplexity"] > 0
         assert res["steering_rate_lo"] <= res["steering_rate"] <= res["steering_rate_hi"]
     assert "## Steering at matched cost" in (tmp_path / "out" / "table.md").read_text()
+
+
+def test_sparsity_curves_join_each_methods_points(tmp_path):
+    """The curves figure draws one line per method through its L0 multiples (sae, sae_2x,
+    sae_4x are one line, ordered by L0), the headline's interval as its error bar."""
+    from codebook.compare.aggregate import curve_series, plot_curves
+
+    points = [{"method": "sae_4x", "l0": 10.0, "fve": 0.97},
+              {"method": "sae", "l0": 2.5, "fve": 0.93, "fve_ci": 0.01},
+              {"method": "codebook", "l0": 2.5, "fve": 0.99},
+              {"method": "sae_2x", "l0": 5.0, "fve": 0.95},
+              {"method": "neuron", "l0": 128.0, "fve": None}]
+    assert curve_series(points, "fve") == {
+        "codebook": [(2.5, 0.99, 0.0)],
+        "sae": [(2.5, 0.93, 0.01), (5.0, 0.95, 0.0), (10.0, 0.97, 0.0)]}
+    path = plot_curves(points, tmp_path / "curves.png", "t")
+    assert path.stat().st_size > 1000

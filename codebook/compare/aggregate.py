@@ -9,6 +9,7 @@ freedom); two methods differ on a metric only where their intervals do not overl
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -98,26 +99,33 @@ def headline_columns(task: str) -> tuple[tuple[str, str], ...]:
     return HEADLINE + TASK[task]
 
 
+def curve_series(points: Sequence[Mapping[str, Any]], key: str
+                 ) -> dict[str, list[tuple[float, float, float]]]:
+    """Per method family (``sae``, ``sae_2x`` and ``sae_4x`` are one: ``sae``), its points
+    (L0, value of ``key``, 95% interval half-width or 0) in order of L0."""
+    series: dict[str, list[tuple[float, float, float]]] = {}
+    for p in points:
+        if _finite(p.get(key)) and _finite(p.get("l0")):
+            ci = p.get(f"{key}_ci")
+            series.setdefault(re.sub(r"_\d+x$", "", p["method"]), []).append(
+                (p["l0"], p[key], ci if _finite(ci) else 0.0))
+    return {m: sorted(v) for m, v in sorted(series.items())}
+
+
 def plot_curves(points: Sequence[Mapping[str, Any]], path: Path, title: str) -> Path:
-    """CE loss recovered (all sites) and FVE against L0, a line per method; the headline
-    point's 95% interval over seeds as an error bar."""
+    """CE loss recovered (all sites) and FVE against L0, a line per method through its
+    sparsity points; the headline point's 95% interval over seeds as an error bar."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    methods = sorted({p["method"] for p in points})
     for ax, key, label in ((axes[0], "ce_loss_recovered_all", "CE loss recovered (all sites)"),
                            (axes[1], "fve", "FVE")):
-        for m in methods:
-            pts = sorted((p for p in points if p["method"] == m and _finite(p.get(key))
-                          and _finite(p.get("l0"))), key=lambda p: p["l0"])
-            if not pts:
-                continue
-            err = [p.get(f"{key}_ci") if _finite(p.get(f"{key}_ci")) else 0 for p in pts]
-            ax.errorbar([p["l0"] for p in pts], [p[key] for p in pts], yerr=err, marker="o",
-                        capsize=3, label=m)
+        for method, pts in curve_series(points, key).items():
+            l0, value, err = zip(*pts, strict=True)
+            ax.errorbar(l0, value, yerr=err, marker="o", capsize=3, label=method)
         ax.set_xscale("log")
         ax.set_xlabel("L0 (active features per token and site)")
         ax.set_ylabel(label)
