@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -14,6 +15,21 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # host (tests/test_hf_datasets_source.py fails on any remote host look-up). Child processes
 # and local Ray workers inherit it.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# One ninja for every process. DeepSpeed JIT-builds its CPU shared-memory op with whichever
+# `ninja` is first on PATH: the venv's (pip, 1.13) under an activated venv or a Ray worker, the
+# system's (1.11) for `.venv/bin/python -m pytest`. Ninja 1.12 changed how its log hashes a
+# command, so each switch reads as a changed command and rebuilds the op (35-75 s on both
+# cores; 4 rebuilds in one full run here). The venv's bin folder goes first for the suite and
+# everything it starts.
+_BIN = os.path.dirname(sys.executable)
+if os.environ.get("PATH", "").split(os.pathsep)[0] != _BIN:
+    os.environ["PATH"] = os.pathsep.join(filter(None, [_BIN, os.environ.get("PATH")]))
+# Ray Train polls its workers every 2 s: each report after the first, and the end of every
+# fit, waits up to that long. The suite's ~40 tiny fits poll every 0.25 s instead, and start no
+# preemption watcher (one more actor process per fit, for spot nodes a test never has). Both are
+# read when fit() is called and passed on to the controller and workers.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 # The suite runs on two pytest-xdist workers (pyproject: ``-n 2 --dist loadgroup``): each
 # file stays whole on one worker, in order (module fixtures built once, Ray-fixture tests
