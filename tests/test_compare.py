@@ -569,3 +569,18 @@ def test_sparsity_curves_join_each_methods_points(tmp_path):
         "sae": [(2.5, 0.93, 0.01), (5.0, 0.95, 0.0), (10.0, 0.97, 0.0)]}
     path = plot_curves(points, tmp_path / "curves.png", "t")
     assert path.stat().st_size > 1000
+
+
+def test_a_retrained_model_changes_its_rows_key(tmp_path):
+    """A saved end-to-end row is keyed by its model's path and write time: a model retrained
+    into the same folder is scored again, an untouched one is reused."""
+    import os
+
+    from codebook.compare.rows import model_stamp
+
+    (tmp_path / "model.safetensors").write_bytes(b"a")
+    first = model_stamp(str(tmp_path))
+    assert model_stamp(str(tmp_path)) == first
+    os.utime(tmp_path / "model.safetensors", ns=(1, 10**18))  # rewritten later
+    assert model_stamp(str(tmp_path)) != first and model_stamp(str(tmp_path)).startswith(
+        str(tmp_path))

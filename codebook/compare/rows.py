@@ -135,6 +135,13 @@ def row_key(ctx: Context, method: str, multiple: int, seed: int, model: str | No
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def model_stamp(path: str) -> str:
+    """A model folder as a row's key sees it: its path and when its files were last written,
+    so that a model retrained into the same path has its rows scored again."""
+    files = [f for f in Path(path).iterdir() if f.is_file()]
+    return f"{path}@{max((f.stat().st_mtime_ns for f in files), default=0)}"
+
+
 def row_path(out: Path, name: str, seed: int) -> Path:
     """Where a scored row is kept: ``rows/<method>-s<seed>.json`` in the output folder."""
     return out / "rows" / f"{name}-s{seed}.json"

@@ -134,8 +134,8 @@ def run(cfg: Any, train: Any, out: Path, quick: bool, collect_cache: Callable[..
                 name = M.method_name(method, multiple)
                 steers = bool(cfg.topics) and data.task == "text" and (multiple, seed) == headline
                 path = R.row_path(out, name, seed)
-                key = R.row_key(ctx, method, multiple, seed, model=models["codebooks"][
-                    (multiple, seed)].path if method == "codebook" else None)
+                key = R.row_key(ctx, method, multiple, seed, model=R.model_stamp(
+                    models["codebooks"][(multiple, seed)].path) if method == "codebook" else None)
                 saved = None if steers else R.load_row(path, key, data.task)
                 if saved is not None:  # scored by an earlier run from the same settings
                     row, extra = saved
