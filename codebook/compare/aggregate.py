@@ -9,7 +9,6 @@ freedom); two methods differ on a metric only where their intervals do not overl
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -103,11 +102,13 @@ def curve_series(points: Sequence[Mapping[str, Any]], key: str
                  ) -> dict[str, list[tuple[float, float, float]]]:
     """Per method family (``sae``, ``sae_2x`` and ``sae_4x`` are one: ``sae``), its points
     (L0, value of ``key``, 95% interval half-width or 0) in order of L0."""
+    from codebook.compare.methods import method_family
+
     series: dict[str, list[tuple[float, float, float]]] = {}
     for p in points:
         if _finite(p.get(key)) and _finite(p.get("l0")):
             ci = p.get(f"{key}_ci")
-            series.setdefault(re.sub(r"_\d+x$", "", p["method"]), []).append(
+            series.setdefault(method_family(p["method"]), []).append(
                 (p["l0"], p[key], ci if _finite(ci) else 0.0))
     return {m: sorted(v) for m, v in sorted(series.items())}
 

@@ -12,6 +12,7 @@ scoring code serves them all (``codebook.compare.score``):
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,11 @@ SPARSE_METHODS = ("codebook", "posthoc_codebook", "sae")
 def method_name(method: str, multiple: int) -> str:
     """``sae`` at L0 multiple 4 -> ``sae_4x``; multiple 1 keeps the plain name."""
     return method if multiple == 1 else f"{method}_{multiple}x"
+
+
+def method_family(name: str) -> str:
+    """The method a row name belongs to: ``sae_4x`` -> ``sae`` (:func:`method_name` undone)."""
+    return re.sub(r"_\d+x$", "", name)
 
 
 @dataclass
