@@ -551,6 +551,11 @@ def test_text_comparison_scores_regex_features(tmp_path, tok_dir, tokenizer):
             assert g["rate_lo"] <= g["rate"] <= g["rate_hi"] and g["n"] == 4
             assert g["perplexity"] > 0
         assert res["steering_rate_lo"] <= res["steering_rate"] <= res["steering_rate_hi"]
+    # one perplexity ceiling for every method: 2 x the unsteered base's samples (the neuron
+    # model splices nothing in), not each method's own unsteered samples
+    ceilings = [res["ppl_ceiling"] for res in steering.values()]
+    assert ceilings == pytest.approx([2 * steering["neuron"]["unsteered_perplexity"]] * 4)
+    assert len({res["unsteered_perplexity"] for res in steering.values()}) > 1  # splices differ
     assert "## Steering at matched cost" in (tmp_path / "out" / "table.md").read_text()
 
 

@@ -55,7 +55,8 @@ class SteeringOptions:
     method, the ``features`` most effective of the ``pool`` features most enriched on its
     texts (the same numbers for every method), each intervention at each strength, ``samples``
     samples per prompt, with bootstrap intervals and the samples' perplexity under the control
-    model; the headline is the best rate at perplexity <= ``ppl_ceiling`` x unsteered."""
+    model; the headline is the best rate at perplexity <= ``ppl_ceiling`` x the unsteered base
+    model's (one ceiling for every method)."""
 
     features: int = 2
     pool: int = 20

@@ -246,8 +246,8 @@ def _steer(cfg: Any, models: dict[str, Any], tokenizer: Any, trained: dict[str, 
     """Steering like for like (``codebook.compare.steer``) for every method with features and
     the dense baseline, judged by the control model (the base where there is none)."""
     from codebook.compare.load import load_base
-    from codebook.compare.steer import dense_vector, steer_method
-    from codebook.steering import topic_token_ids
+    from codebook.compare.steer import dense_vector, sample, steer_method
+    from codebook.steering import perplexity, topic_token_ids
     from codebook.topics import load_topics
 
     spec = load_topics(cfg.topics, None)
@@ -257,18 +257,22 @@ def _steer(cfg: Any, models: dict[str, Any], tokenizer: Any, trained: dict[str, 
     neuron = models["dense"]
     sites = list(neuron.codebooks)
     norms = _site_norms(neuron, tokenizer, spec["background"], sites)
+    # One ceiling for every method: the unsteered base's samples (the neuron model splices
+    # nothing in), not each method's own, whose splice changes its unsteered perplexity.
+    plain = sample(neuron, tokenizer, spec["prompts"], cfg.steering, cfg.analysis.seed)
+    ceiling = cfg.steering.ppl_ceiling * perplexity(judge, tokenizer, plain)
     out = {}
     for method in ("codebook", "posthoc_codebook", "sae"):
         if method in models:
             print(f"steering with {method}", flush=True)
             out[method] = steer_method(models[method], tokenizer, spec, judge, norms,
-                                       cfg.steering, cfg.analysis.seed)
+                                       cfg.steering, cfg.analysis.seed, ceiling=ceiling)
     dense = {t["name"]: {s: dense_vector(neuron, tokenizer, t["topic_texts"],
                                          spec["background"], s) for s in sites}
              for t in spec["topics"]}
     print("steering with the dense baseline", flush=True)
     out["neuron"] = steer_method(neuron, tokenizer, spec, judge, norms, cfg.steering,
-                                 cfg.analysis.seed, dense=dense)
+                                 cfg.analysis.seed, dense=dense, ceiling=ceiling)
     return out
 
 

@@ -15,8 +15,11 @@ Per topic and method:
   the unit mean difference of the base model's activations on topic and background texts at
   the same norms;
 - **held out**: every intervention is sampled with selection seeds; the best one whose samples'
-  perplexity stays under ``ppl_ceiling`` x the unsteered samples' is then sampled again with
-  test seeds, and those samples give the headline rate, its 95% bootstrap interval and cost.
+  perplexity stays under the ceiling is then sampled again with test seeds, and those samples
+  give the headline rate, its 95% bootstrap interval and cost. In a comparison the ceiling is
+  one number for every method (``ppl_ceiling`` x the unsteered base model's samples'
+  perplexity): a method's own unsteered samples, with its dictionary spliced in, would give
+  each method a different ceiling.
 """
 
 from __future__ import annotations
@@ -187,9 +190,12 @@ def condition_result(texts: list[str], pattern: re.Pattern, judge: Any, tokenize
 
 def steer_method(model: CodebookModel, tokenizer: Any, spec: dict[str, Any], judge: Any,
                  site_norms: dict[str, float], opts: Any, seed: int = 0,
-                 dense: dict[str, dict[str, torch.Tensor]] | None = None) -> dict[str, Any]:
+                 dense: dict[str, dict[str, torch.Tensor]] | None = None,
+                 ceiling: float | None = None) -> dict[str, Any]:
     """One method's steering table (module docstring). ``dense`` ({topic: {site: vector}}):
-    steer with those vectors instead of the model's own features (the dense baseline)."""
+    steer with those vectors instead of the model's own features (the dense baseline).
+    ``ceiling``: the perplexity an admissible intervention stays under (default
+    ``opts.ppl_ceiling`` x this model's unsteered samples')."""
     from codebook.steering import count_codes, perplexity
 
     sites = list(model.codebooks)
@@ -197,7 +203,8 @@ def steer_method(model: CodebookModel, tokenizer: Any, spec: dict[str, Any], jud
     grid = intervention_grid(opts, dense=dense is not None)
     plain = sample(model, tokenizer, prompts, opts, seed)  # unsteered: every topic's baseline
     unsteered_ppl = perplexity(judge, tokenizer, plain)
-    ceiling = opts.ppl_ceiling * unsteered_ppl
+    if ceiling is None:
+        ceiling = opts.ppl_ceiling * unsteered_ppl
     background = None if dense is not None else count_codes(model, tokenizer,
                                                              spec["background"], sites)
     probe = tokenizer(spec["background"][0], return_tensors="pt",
