@@ -51,7 +51,9 @@ def main(argv: list[str] | None = None) -> dict:
                           "final_train_loss": summary["final_train_loss"]}), flush=True)
         return summary
 
-    return run(plan, fit, device=device)
+    summary = run(plan, fit, device=device)
+    print(json.dumps(summary), flush=True)
+    return summary
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ state-feature swaps); on text (``data.source: text``) the regex features' held-o
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -61,15 +62,20 @@ def main(argv: list[str] | None = None) -> dict:
     except ConfigError as err:
         sys.exit(f"config error: {err}")
     out.mkdir(parents=True, exist_ok=True)
+    from codebook.compare.rows import json_default
     from codebook.ray_glue.activations import collect_cache
     from codebook.ray_glue.session import ray_session
     from codebook.ray_glue.train import fit
 
     try:
         with ray_session():
-            return run(cfg, train, out, args.quick, collect_cache, fit)
+            summary = run(cfg, train, out, args.quick, collect_cache, fit)
     except ConfigError as err:
         sys.exit(f"config error: {err}")
+    # After Ray is shut down: its log monitor prints worker lines until then, and the
+    # summary is the last line that callers parse.
+    print(json.dumps(summary, default=json_default), flush=True)
+    return summary
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ resumes an interrupted one.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -58,9 +59,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     try:
         with ray_session():
-            return run(plan, ray_fit)
+            summary = run(plan, ray_fit)
     except ConfigError as err:
         sys.exit(f"config error: {err}")
+    # After Ray is shut down: its log monitor prints worker lines until then, and the
+    # summary is the last line that callers parse.
+    print(json.dumps(summary), flush=True)
+    return summary
 
 
 if __name__ == "__main__":

@@ -291,7 +291,9 @@ def _site_norms(model: Any, tokenizer: Any, texts: list[str], sites: list[str]
 
 def _write(cfg, out: Path, summary: dict, reports: dict) -> dict:
     """table.md, table.json, reports.json, curves.png; the MLflow parent run and a child per
-    row (method, L0 multiple, seed); the tables and the JSON summary printed (the JSON last)."""
+    row (method, L0 multiple, seed); the tables printed. Returns the JSON summary, which the
+    entry point prints as its last line once Ray is shut down (Ray's log monitor prints
+    worker lines until then)."""
     from codebook.compare.report import render
     from codebook.compare.rows import json_default
     from codebook.tracking import MLflowLogger, default_tracking_uri, finish_run, start_run
@@ -320,6 +322,5 @@ def _write(cfg, out: Path, summary: dict, reports: dict) -> dict:
                                        "compare_json": out / "table.json",
                                        "compare_curves": out / "curves.png"})
     print(table, flush=True)
-    print(json.dumps(summary, default=json_default), flush=True)
     return summary
 

@@ -97,7 +97,8 @@ def log_row(plan: Any, row: dict[str, Any], parent: str) -> str:
 
 def write(plan: Any, rows: list[dict[str, Any]], parent: str | None) -> dict[str, Any]:
     """table.md, table.json, loss_vs_k.png; the MLflow parent run finished with them; the table
-    and then the JSON summary printed (the JSON last)."""
+    printed; returns the JSON summary, which the entry point prints last, once
+    Ray is shut down."""
     rows = with_gaps(rows)
     out = plan.out
     table = markdown_table(rows)
@@ -115,7 +116,6 @@ def write(plan: Any, rows: list[dict[str, Any]], parent: str | None) -> dict[str
             "lm_table": out / "table.md", "lm_table_json": out / "table.json",
             "lm_table_plot": plot})
     print(table, flush=True)
-    print(json.dumps(summary), flush=True)
     return summary
 
 
