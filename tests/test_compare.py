@@ -283,6 +283,39 @@ def test_set_and_add_interventions_reach_their_strengths():
             assert torch.allclose(set2.reshape(-1, 32), expected, atol=1e-5)
 
 
+def test_steering_against_cost_reads_each_ceiling_from_the_grid(tmp_path):
+    """The steering curve against cost: at each ceiling (a multiple of the unsteered base's
+    perplexity) a topic counts its best grid rate under it, or its unsteered rate if none is;
+    the report tabulates it and the per-intervention means beside the held-out headline."""
+    from codebook.compare.report import CEILING_MULTIPLES, render
+    from codebook.compare.steer import best_under_ceiling
+
+    def topic(rate0, grid):
+        return {"topic": "t", "baseline_rate": rate0, "features": ["f"], "chosen": None,
+                "test": None, "grid": [{"intervention": iv, "rate": r, "perplexity": ppl}
+                                       for iv, r, ppl in grid]}
+
+    topics = [topic(0.1, [("set 1x mean", 0.5, 30.0), ("add 1x norm", 0.9, 70.0)]),
+              topic(0.2, [("set 1x mean", 0.7, 45.0), ("add 1x norm", 0.8, None)])]
+    assert best_under_ceiling(topics, 25.0) == (pytest.approx(0.15), 0)  # both unsteered
+    assert best_under_ceiling(topics, 40.0) == (pytest.approx(0.35), 0)
+    assert best_under_ceiling(topics, 50.0) == (pytest.approx(0.6), 1)
+    assert best_under_ceiling(topics, 80.0) == (pytest.approx(0.8), 2)
+    res = {"topics": topics, "unsteered_perplexity": 20.0, "ppl_ceiling": 40.0,
+           "steering_rate": 0.3, "steering_topics_ge_060": 0, "steering_topics": 2,
+           "steering_baseline_rate": 0.15}
+    steering = {"sae": res, "neuron": {**res, "unsteered_perplexity": 25.0}}
+    text = render({"rows": [], "task": "text", "seeds": [0], "sparsity": [1], "name": "t",
+                   "references": [], "steering": steering}, tmp_path / "c.png")
+    table = text.split("## Steering against cost")[1]
+    assert f"<= {CEILING_MULTIPLES[1]:g} x 25.0" in table  # the base's (dense model's) unit
+    cells = " | ".join("{:.2f} ({})".format(*best_under_ceiling(topics, m * 25.0))
+                       for m in CEILING_MULTIPLES)
+    assert f"| sae (unsteered 20.0) | {cells} |" in table
+    assert "| set 1x mean | 0.60 (38) | 0.60 (38) |" in table
+    assert "| add 1x norm | 0.90 (70) | 0.90 (70) |" in table  # a missing perplexity skipped
+
+
 def test_collect_activations_stops_after_the_deepest_site():
     model = tiny_model("gpt_neox")
     config = CodebookConfig(sites=["mlp"], layers=[0], num_codes=8, k=1)
@@ -556,7 +589,8 @@ def test_text_comparison_scores_regex_features(tmp_path, tok_dir, tokenizer):
     ceilings = [res["ppl_ceiling"] for res in steering.values()]
     assert ceilings == pytest.approx([2 * steering["neuron"]["unsteered_perplexity"]] * 4)
     assert len({res["unsteered_perplexity"] for res in steering.values()}) > 1  # splices differ
-    assert "## Steering at matched cost" in (tmp_path / "out" / "table.md").read_text()
+    report = (tmp_path / "out" / "table.md").read_text()
+    assert "## Steering at matched cost" in report and "## Steering against cost" in report
 
 
 def test_sparsity_curves_join_each_methods_points(tmp_path):

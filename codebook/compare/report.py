@@ -9,6 +9,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from codebook.compare.aggregate import (
     CURVE,
     common_regex_precision,
@@ -17,6 +19,9 @@ from codebook.compare.aggregate import (
     over_seeds,
     plot_curves,
 )
+from codebook.compare.steer import best_under_ceiling
+
+CEILING_MULTIPLES = (1.5, 2, 3, 4, 8)
 
 REFERENCE = (("method", "reference"), ("ce_loss_on", "CE loss"), ("accuracy", "accuracy"),
              ("first_transition_accuracy", "FTA"))
@@ -57,7 +62,14 @@ def render(summary: dict[str, Any], curves: Path) -> str:
                   "", "## Regex features, test F1 of the best-F1 feature per feature", "",
                   _per_feature(seed0, "regex_f1_per_feature"), ""]
         if summary.get("steering"):
-            parts += ["## Steering at matched cost", "", _steering(summary["steering"]), ""]
+            steering = summary["steering"]
+            parts += ["## Steering at matched cost", "", _steering(steering), "",
+                      "## Steering against cost (selection samples: optimistic)", "",
+                      "The best rate of the grid under other ceilings, in multiples of the "
+                      "unsteered base's perplexity (topics >= 0.6 in brackets):", "",
+                      _steering_by_ceiling(steering), "",
+                      "Per intervention: the mean rate over topics (median perplexity):", "",
+                      _steering_by_intervention(steering), ""]
     return "\n".join(parts)
 
 
@@ -96,12 +108,49 @@ def _steering(steering: dict[str, Any]) -> str:
             f"{t['topic']}: {t['chosen']} -> {_f(t['test']['rate'])} "
             f"({_f(t['test']['perplexity'])})" if t["test"] else f"{t['topic']}: none"
             for t in res["topics"])
-        lines.append(f"| {'dense (mean difference)' if method == 'neuron' else method} | "
+        lines.append(f"| {_method_label(method)} | "
                      f"{_f(res['steering_rate'])} [{_f(res.get('steering_rate_lo'))}, "
                      f"{_f(res.get('steering_rate_hi'))}] | {res['steering_topics_ge_060']} of "
                      f"{res['steering_topics']} | {_f(res['steering_baseline_rate'])} | "
                      f"{_f(res['ppl_ceiling'])} | {per} |")
     return "\n".join(lines)
+
+
+def _steering_by_ceiling(steering: dict[str, Any]) -> str:
+    """Rows: methods; columns: ceilings at CEILING_MULTIPLES x the unsteered base's
+    perplexity (the dense baseline's model is the base, which splices nothing in)."""
+    unit = steering["neuron"]["unsteered_perplexity"]
+    lines = ["| method | " + " | ".join(f"<= {m:g} x {unit:.1f}" for m in CEILING_MULTIPLES)
+             + " |", "|---" * (len(CEILING_MULTIPLES) + 1) + "|"]
+    for method, res in steering.items():
+        cells = [best_under_ceiling(res["topics"], m * unit) for m in CEILING_MULTIPLES]
+        lines.append(f"| {_method_label(method)} (unsteered {res['unsteered_perplexity']:.1f}) | "
+                     + " | ".join(f"{rate:.2f} ({n})" for rate, n in cells) + " |")
+    return "\n".join(lines)
+
+
+def _steering_by_intervention(steering: dict[str, Any]) -> str:
+    labels: list[str] = []
+    cells: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for method, res in steering.items():
+        for topic in res["topics"]:
+            for g in topic["grid"]:
+                labels += [] if g["intervention"] in labels else [g["intervention"]]
+                cells[(g["intervention"], method)].append(g)
+    lines = ["| intervention | " + " | ".join(map(_method_label, steering)) + " |",
+             "|---" * (len(steering) + 1) + "|"]
+    for label in labels:
+        row = []
+        for method in steering:
+            got = [g for g in cells[(label, method)] if g["perplexity"] is not None]
+            row.append(f"{np.mean([g['rate'] for g in got]):.2f} "
+                       f"({np.median([g['perplexity'] for g in got]):.0f})" if got else "-")
+        lines.append(f"| {label} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def _method_label(method: str) -> str:
+    return "dense (mean difference)" if method == "neuron" else method
 
 
 def _f(v: Any) -> str:

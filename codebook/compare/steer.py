@@ -278,3 +278,13 @@ def summarise(topics: list[dict[str, Any]], draws: int, seed: int = 0) -> dict[s
             "steering_topics_ge_060": int(sum(r >= 0.6 for r in rates)),
             "steering_topics": len(topics),
             "steering_baseline_rate": float(np.mean([t["baseline_rate"] for t in topics]))}
+
+
+def best_under_ceiling(topics: list[dict[str, Any]], ceiling: float) -> tuple[float, int]:
+    """Over topics, the mean of each topic's best rate among the grid's conditions whose
+    perplexity is at most ``ceiling`` (a topic with none counts its unsteered rate), and the
+    topics reaching 0.6. Read on the selection samples, so optimistic: the steering curve
+    against cost, beside the held-out figure at the configured ceiling."""
+    rates = [max((g["rate"] for g in t["grid"] if g["perplexity"] is not None
+                  and g["perplexity"] <= ceiling), default=t["baseline_rate"]) for t in topics]
+    return float(np.mean(rates)) if rates else math.nan, int(sum(r >= 0.6 for r in rates))
