@@ -130,13 +130,12 @@ def _steering_by_ceiling(steering: dict[str, Any]) -> str:
 
 
 def _steering_by_intervention(steering: dict[str, Any]) -> str:
-    labels: list[str] = []
     cells: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for method, res in steering.items():
         for topic in res["topics"]:
             for g in topic["grid"]:
-                labels += [] if g["intervention"] in labels else [g["intervention"]]
                 cells[(g["intervention"], method)].append(g)
+    labels = dict.fromkeys(label for label, _ in cells)  # in order of first appearance
     lines = ["| intervention | " + " | ".join(map(_method_label, steering)) + " |",
              "|---" * (len(steering) + 1) + "|"]
     for label in labels:

@@ -225,9 +225,8 @@ def steer_method(model: CodebookModel, tokenizer: Any, spec: dict[str, Any], jud
                 texts = sample(model, tokenizer, prompts, opts, seed)
             grid_results.append({"intervention": iv.label, **condition_result(
                 texts, pattern, judge, tokenizer, opts.bootstrap, seed)})
-        ok = [r for r in grid_results if r["perplexity"] is not None
-              and r["perplexity"] <= ceiling]
-        best = max(ok, key=lambda r: (r["rate"], -r["perplexity"]), default=None)
+        best = max(admissible(grid_results, ceiling),
+                   key=lambda r: (r["rate"], -r["perplexity"]), default=None)
         test = None
         if best is not None:
             iv = grid[[r["intervention"] for r in grid_results].index(best["intervention"])]
@@ -285,6 +284,11 @@ def best_under_ceiling(topics: list[dict[str, Any]], ceiling: float) -> tuple[fl
     perplexity is at most ``ceiling`` (a topic with none counts its unsteered rate), and the
     topics reaching 0.6. Read on the selection samples, so optimistic: the steering curve
     against cost, beside the held-out figure at the configured ceiling."""
-    rates = [max((g["rate"] for g in t["grid"] if g["perplexity"] is not None
-                  and g["perplexity"] <= ceiling), default=t["baseline_rate"]) for t in topics]
+    rates = [max((g["rate"] for g in admissible(t["grid"], ceiling)),
+                 default=t["baseline_rate"]) for t in topics]
     return float(np.mean(rates)) if rates else math.nan, int(sum(r >= 0.6 for r in rates))
+
+
+def admissible(grid: list[dict[str, Any]], ceiling: float) -> list[dict[str, Any]]:
+    """The grid's conditions whose samples' perplexity is known and at most ``ceiling``."""
+    return [g for g in grid if g["perplexity"] is not None and g["perplexity"] <= ceiling]
